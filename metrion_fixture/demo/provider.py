@@ -1,0 +1,403 @@
+"""A simulated Anthropic / OpenAI provider on loopback, for the offline demo and the test suite.
+
+Stdlib only. Failure modes are chosen per request with the ``x-simulate`` header (comma-separated,
+e.g. ``gzip, cut-stream``): ``status-500``, ``status-429``, ``status-400``, ``cut-stream``,
+``error-event``, ``no-terminator``, ``gzip``, ``big``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import socket
+import socketserver
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterable
+from urllib.parse import urlsplit
+
+__all__ = ["DELIVERY_ANSWER", "ReceivedCall", "SimulatedProvider", "make_answer"]
+
+DELIVERY_ANSWER = (
+    "Standard delivery takes 3-5 business days; express delivery arrives the next business day "
+    "when you order before 2 pm. Orders over 50 euros ship free, and you get a tracking link by "
+    "email as soon as your parcel leaves our warehouse."
+)
+_BIG_SIZE = 2 * 1024 * 1024
+_MAX_DELTAS = 64  # one delta per word, except that the 2 MiB answer is batched into this many
+_ENDPOINTS = {"anthropic": "/v1/messages", "openai": "/chat/completions"}  # path suffixes
+_ERRORS = {  # status -> (Anthropic error type, OpenAI error type, message)
+    400: ("invalid_request_error", "invalid_request_error", "Simulated invalid request."),
+    404: ("not_found_error", "not_found_error", "Not found."),
+    429: ("rate_limit_error", "rate_limit_exceeded", "Simulated rate limit: slow down."),
+    500: ("api_error", "server_error", "Simulated internal server error."),
+}
+
+
+@dataclass(frozen=True)
+class ReceivedCall:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any
+
+
+def make_answer(question: str, *, big: bool = False) -> str:
+    """The deterministic answer the provider gives to ``question``."""
+    question = " ".join(question.split())
+    if "delivery" in question.lower():
+        answer = DELIVERY_ANSWER
+    else:
+        answer = f"Here is a simulated answer to: {question}"
+    if big:
+        answer = " ".join([answer] * (_BIG_SIZE // (len(answer) + 1) + 1))
+    return answer
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        blocks = (b for b in content if isinstance(b, dict) and b.get("type") == "text")
+        return " ".join(str(b.get("text", "")) for b in blocks)
+    return ""
+
+
+def _count_words(texts: Iterable[str]) -> int:
+    return sum(len(t.split()) for t in texts)
+
+
+def _pieces(text: str) -> list[str]:
+    words = re.findall(r"\s*\S+", text) or [text]
+    step = -(-len(words) // _MAX_DELTAS)
+    return ["".join(words[i : i + step]) for i in range(0, len(words), step)]
+
+
+def _sse(event: str | None, data: Any) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "").encode() + f"data: {payload}\n\n".encode()
+
+
+def _cut(events: list[bytes], error: bytes, modes: set[str]) -> tuple[list[bytes], bool]:
+    """Apply the stream failure modes (the last event is the end marker); True means hang up."""
+    half = max(1, len(events) // 2)
+    if "cut-stream" in modes:
+        return events[:half], True
+    if "error-event" in modes:
+        return events[:half] + [error], False
+    if "no-terminator" in modes:
+        return events[:-1], False
+    return events, False
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    provider: SimulatedProvider
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn), which can stall.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients hanging up mid-stream and stop() closing connections are expected
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle on, the body waits ~40 ms for a delayed ACK.
+    disable_nagle_algorithm = False
+    server: _Server
+    _gzip = False
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.provider._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.provider._track(self.connection, add=False)
+
+    def do_POST(self) -> None:
+        self._handle()
+
+    do_GET = do_HEAD = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_POST
+
+    # -- request ---------------------------------------------------------------------------------
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            parts = []
+            while size := int(self.rfile.readline().split(b";")[0].strip() or b"0", 16):
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
+            return b"".join(parts)
+        return self.rfile.read(int(self.headers.get("content-length") or 0))
+
+    def _handle(self) -> None:
+        url = urlsplit(self.path)
+        body = self._read_body()
+        try:
+            parsed: Any = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        provider = self.server.provider
+        provider._record(ReceivedCall(self.command, url.path, url.query, headers, body, parsed))
+        modes = {m.strip().lower() for m in headers.get("x-simulate", "").split(",") if m.strip()}
+        self._gzip = "gzip" in modes  # reset per request: the handler outlives it on keep-alive
+
+        path = url.path.rstrip("/")
+        kind = next((k for k, suffix in _ENDPOINTS.items() if path.endswith(suffix)), "")
+        if not kind or self.command != "POST":
+            return self._send_error(404, kind or "anthropic", f"No route for {self.command} {url.path}")
+        if provider.latency:
+            time.sleep(provider.latency)
+        if not isinstance(parsed, dict):
+            return self._send_error(400, kind, "The request body is not a valid JSON object.")
+        for status in (500, 429, 400):
+            if f"status-{status}" in modes:
+                return self._send_error(status, kind, _ERRORS[status][2])
+        messages = [m for m in parsed.get("messages") or [] if isinstance(m, dict)]
+        user_turns = [m for m in messages if m.get("role") == "user"]
+        question = _text_of(user_turns[-1].get("content")) if user_turns else ""
+        answer = make_answer(question, big="big" in modes)
+        prompt = [_text_of(parsed.get("system"))] + [_text_of(m.get("content")) for m in messages]
+        tokens = (_count_words(prompt), len(answer.split()))
+        (self._anthropic if kind == "anthropic" else self._openai)(parsed, answer, tokens, modes)
+
+    # -- Anthropic Messages and OpenAI Chat Completions ----------------------------------------------
+
+    def _anthropic(self, req: dict[str, Any], answer: str, tokens: tuple[int, int], modes: set[str]) -> None:
+        usage = {
+            "input_tokens": tokens[0],
+            "output_tokens": tokens[1],
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        }
+        message = {
+            "id": f"msg_{uuid.uuid4().hex[:24]}",
+            "type": "message",
+            "role": "assistant",
+            "model": str(req.get("model", "claude-simulated")),
+        }
+        headers = self._headers("request-id", "anthropic-ratelimit-requests-remaining")
+        stop = {"stop_reason": "end_turn", "stop_sequence": None}
+        if not req.get("stream"):
+            content = [{"type": "text", "text": answer}]
+            body = {**message, "content": content, **stop, "usage": usage}
+            return self._send_json(200, body, headers, cut="cut-stream" in modes)
+
+        def event(name: str, **data: Any) -> bytes:
+            return _sse(name, {"type": name, **data})
+
+        start = {
+            **message,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {**usage, "output_tokens": 1},
+        }
+        deltas = [{"type": "text_delta", "text": p} for p in _pieces(answer)]
+        events = [
+            event("message_start", message=start),
+            event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
+            event("ping"),
+            *(event("content_block_delta", index=0, delta=d) for d in deltas),
+            event("content_block_stop", index=0),
+            event("message_delta", delta=stop, usage={"output_tokens": tokens[1]}),
+            event("message_stop"),
+        ]
+        error = event("error", error={"type": "overloaded_error", "message": "Overloaded"})
+        self._send_stream(*_cut(events, error, modes), headers)
+
+    def _openai(self, req: dict[str, Any], answer: str, tokens: tuple[int, int], modes: set[str]) -> None:
+        usage = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1], "total_tokens": sum(tokens)}
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex[:29]}",
+            "created": int(time.time()),
+            "model": str(req.get("model", "gpt-simulated")),
+        }
+        headers = self._headers("x-request-id", "x-ratelimit-remaining-requests")
+        if not req.get("stream"):
+            message = {"role": "assistant", "content": answer, "refusal": None}
+            choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+            body = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
+            return self._send_json(200, body, headers, cut="cut-stream" in modes)
+
+        options = req.get("stream_options")
+        include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        # With include_usage the real API puts "usage": null on every chunk but the final usage one.
+        chunk = {**base, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
+
+        def delta(d: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
+            return _sse(None, {**chunk, "choices": [choice]})
+
+        events = [
+            delta({"role": "assistant", "content": "", "refusal": None}),
+            *(delta({"content": p}) for p in _pieces(answer)),
+            delta({}, "stop"),
+            *([_sse(None, {**chunk, "choices": [], "usage": usage})] if include_usage else []),
+            _sse(None, "[DONE]"),
+        ]
+        error = _sse(None, {"error": {"message": "server had an error", "type": "server_error"}})
+        self._send_stream(*_cut(events, error, modes), headers)
+
+    # -- response writing ----------------------------------------------------------------------
+
+    def _headers(self, request_id: str, ratelimit: str) -> dict[str, str]:
+        return {
+            request_id: f"req_{uuid.uuid4().hex[:24]}",
+            ratelimit: str(max(0, 1000 - self.server.provider.call_count)),
+            "set-cookie": f"__sim_session={uuid.uuid4().hex}; Path=/; HttpOnly; Secure; SameSite=None",
+        }
+
+    def _start(self, status: int, content_type: str, extra: dict[str, str], length: int | None) -> None:
+        self.send_response(status)
+        self.send_header("content-type", content_type)
+        if length is None:
+            self.send_header("transfer-encoding", "chunked")
+            self.send_header("cache-control", "no-cache")
+        else:
+            self.send_header("content-length", str(length))
+        if self._gzip:
+            self.send_header("content-encoding", "gzip")
+        for name, value in extra.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def _send_json(self, status: int, obj: Any, extra: dict[str, str], *, cut: bool = False) -> None:
+        data = json.dumps(obj).encode()
+        if self._gzip:
+            data = gzip.compress(data)
+        self._start(status, "application/json", extra, len(data))
+        if self.command == "HEAD":
+            return
+        if cut:
+            self.wfile.write(data[: len(data) // 2])
+            return self._hang_up()
+        self.wfile.write(data)
+
+    def _send_error(self, status: int, kind: str, message: str) -> None:
+        anthropic_type, openai_type, _ = _ERRORS[status]
+        if kind == "anthropic":
+            obj: dict[str, Any] = {"type": "error", "error": {"type": anthropic_type, "message": message}}
+            extra = {"request-id": f"req_{uuid.uuid4().hex[:24]}"}
+        else:
+            obj = {"error": {"message": message, "type": openai_type, "param": None, "code": None}}
+            extra = {"x-request-id": f"req_{uuid.uuid4().hex[:24]}"}
+        self._send_json(status, obj, {**extra, "x-should-retry": "false"})
+
+    def _send_stream(self, events: list[bytes], hang_up: bool, extra: dict[str, str]) -> None:
+        self._start(200, "text/event-stream; charset=utf-8", extra, None)
+        gz = zlib.compressobj(wbits=31) if self._gzip else None
+        delay = self.server.provider.chunk_delay
+        for i, event in enumerate(events):
+            if i and delay:
+                time.sleep(delay)
+            # A sync flush per event keeps every event decodable as soon as its chunk lands.
+            self._chunk(gz.compress(event) + gz.flush(zlib.Z_SYNC_FLUSH) if gz else event)
+        if hang_up:
+            return self._hang_up()
+        if gz:
+            self._chunk(gz.flush())
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _chunk(self, data: bytes) -> None:
+        if data:  # an empty chunk would end the body
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def _hang_up(self) -> None:
+        """Close without finishing the body, as a dropped upstream connection would."""
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class SimulatedProvider:
+    """An Anthropic Messages + OpenAI Chat Completions look-alike served from daemon threads."""
+
+    def __init__(
+        self, *, latency: float = 0.0, chunk_delay: float = 0.0, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.latency = latency
+        self.chunk_delay = chunk_delay
+        self.host, self.port = host, port
+        self.url = ""
+        self.calls: list[ReceivedCall] = []
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> SimulatedProvider:
+        if self._server is not None:
+            return self
+        server = _Server((self.host, self.port), _Handler)
+        server.provider = self
+        host, self.port = str(server.server_address[0]), int(server.server_address[1])
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        self._server = server
+        # A short poll interval (serve_forever's argument) lets stop() return promptly.
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        # Idle keep-alive connections would otherwise keep their handler threads parked in a read.
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> SimulatedProvider:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def call_count(self) -> int:
+        """POSTs to the two LLM endpoints, whatever their outcome."""
+        suffixes = tuple(_ENDPOINTS.values())
+        with self._lock:
+            return sum(c.method == "POST" and c.path.rstrip("/").endswith(suffixes) for c in self.calls)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.calls.clear()
+
+    def _record(self, call: ReceivedCall) -> None:
+        with self._lock:
+            self.calls.append(call)
+
+    def _track(self, conn: socket.socket, *, add: bool) -> None:
+        with self._lock:
+            (self._connections.add if add else self._connections.discard)(conn)

@@ -1,0 +1,23 @@
+"""The wire formats the cache understands, one module each.
+
+Adding a format means writing one module with a ``WIRE_FORMAT`` instance and
+listing it here; the engine asks each in turn whether a request is its own.
+"""
+
+from __future__ import annotations
+
+from .anthropic import WIRE_FORMAT as ANTHROPIC_MESSAGES
+from .base import Prompt, StreamWatcher, WireFormat
+from .openai_chat import WIRE_FORMAT as OPENAI_CHAT
+
+WIRE_FORMATS: tuple[WireFormat, ...] = (ANTHROPIC_MESSAGES, OPENAI_CHAT)
+
+
+def wire_format_for(method: str, path: str) -> WireFormat | None:
+    for wire_format in WIRE_FORMATS:
+        if wire_format.matches(method, path):
+            return wire_format
+    return None
+
+
+__all__ = ["WIRE_FORMATS", "Prompt", "StreamWatcher", "WireFormat", "wire_format_for"]

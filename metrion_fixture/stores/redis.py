@@ -1,0 +1,195 @@
+"""A store on a Redis server, shared by every process that can reach it."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import threading
+import weakref
+from collections.abc import AsyncGenerator, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+import redis.asyncio
+import redis.asyncio.retry
+import redis.backoff
+import redis.connection
+import redis.retry
+
+from metrion_fixture.errors import MetrionCacheError
+from metrion_fixture.stores.base import Store
+
+# A cache that is down must cost a request a second, not minutes: short timeouts
+# and no retries (redis-py retries 3 times with backoff by default). A failed call
+# is just a miss; the pool drops the broken connection and the next call reconnects.
+# Query parameters in the URL (e.g. ?socket_timeout=5) override these.
+_DEFAULTS: dict[str, Any] = {
+    "socket_connect_timeout": 1.0,
+    "socket_timeout": 2.0,
+    "health_check_interval": 30,
+}
+_BATCH = 500
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+_USERINFO = re.compile(r"^([^:/?#]+://)([^/?#]*)@")
+_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password (in the userinfo or the query) replaced by ``***``."""
+
+    def hide(match: re.Match[str]) -> str:
+        user, colon, _ = match[2].partition(":")
+        return f"{match[1]}{user}{colon and ':***'}@"
+
+    # Plain regexes rather than urlsplit: this also runs on URLs that fail to parse.
+    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO.sub(hide, url, count=1))
+
+
+def url_problem(url: str) -> str | None:
+    """What is wrong with ``url`` as a Redis URL, or None; parses only, never connects."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a non-numeric port
+        redis.connection.parse_url(url)
+    except ValueError as exc:
+        return str(exc).rstrip(".")
+    if parts.scheme == "unix" and not parts.path:
+        return "a unix:// URL needs the socket path, e.g. unix:///run/redis.sock"
+    if parts.scheme != "unix" and not re.fullmatch(r"/?(\d+)?", parts.path):
+        return f"the database must be a number, as in redis://localhost:6379/0, not {parts.path!r}"
+    return None
+
+
+async def _close_at_loop_shutdown(client: redis.asyncio.Redis) -> AsyncGenerator[None, None]:
+    """Closes ``client`` while its loop still runs, when the loop shuts down async generators.
+
+    asyncio.run() and asyncio.Runner do that just before closing the loop; without
+    it the client's sockets would outlive their loop and could never close cleanly.
+    """
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+class RedisStore(Store):
+    def __init__(self, url: str) -> None:
+        problem = url_problem(url)
+        if problem:
+            raise MetrionCacheError(
+                f"Bad Redis URL {mask_url(url)!r}: {problem}; "
+                "expected e.g. redis://localhost:6379/0, rediss://HOST or unix:///path/to/redis.sock"
+            )
+        self._raw_url = url
+        self.url = mask_url(url)
+        self._lock = threading.Lock()
+        self._client: redis.Redis | None = None
+        self._aclients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, AsyncGenerator[None, None]]
+        ] = weakref.WeakKeyDictionary()
+        self._closing: set[asyncio.Future[Any]] = set()
+
+    def _sync(self) -> redis.Redis:
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = redis.Redis.from_url(
+                        self._raw_url,
+                        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+                        **_DEFAULTS,
+                    )
+        return self._client
+
+    async def _async(self) -> redis.asyncio.Redis:
+        # An asyncio client is bound to the loop it first ran on, and notebooks and
+        # test suites run many loops (one per asyncio.run), so keep one per loop.
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            entry = self._aclients.get(loop)
+            if entry is not None:
+                return entry[0]
+            # A client's connections reference its loop, so an entry would keep a
+            # finished loop alive forever: drop clients of closed loops.
+            for old in [old for old in self._aclients if old.is_closed()]:
+                del self._aclients[old]
+            client = redis.asyncio.Redis.from_url(
+                self._raw_url,
+                retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
+                **_DEFAULTS,
+            )
+            closer = _close_at_loop_shutdown(client)
+            self._aclients[loop] = (client, closer)
+        await closer.__anext__()  # the first step registers it with the loop's asyncgen hooks
+        return client
+
+    def get(self, key: str) -> bytes | None:
+        value: bytes | None = self._sync().get(key)
+        return value
+
+    def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        self._sync().set(key, value, ex=ttl_seconds)
+
+    async def aget(self, key: str) -> bytes | None:
+        value: bytes | None = await (await self._async()).get(key)
+        return value
+
+    async def aset(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        await (await self._async()).set(key, value, ex=ttl_seconds)
+
+    def ttl(self, key: str) -> float | None:
+        ms: int = self._sync().pttl(key)
+        if ms == -2:
+            return None
+        return math.inf if ms == -1 else ms / 1000
+
+    def _scan(self, prefix: str) -> Iterator[bytes]:
+        pattern = prefix + "*"
+        return self._sync().scan_iter(match=pattern, count=1000)
+
+    def delete_prefix(self, prefix: str) -> int:
+        client, deleted, batch = self._sync(), 0, []
+        for key in self._scan(prefix):
+            batch.append(key)
+            if len(batch) >= _BATCH:
+                deleted += client.unlink(*batch)
+                batch = []
+        if batch:
+            deleted += client.unlink(*batch)
+        return deleted
+
+    def keys(self, prefix: str) -> list[str]:
+        # SCAN may return a key twice; the set removes duplicates.
+        return sorted({key.decode() for key in self._scan(prefix)})
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+            aclients, self._aclients = list(self._aclients.items()), weakref.WeakKeyDictionary()
+        if client is not None:
+            client.close()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for loop, (_, closer) in aclients:
+            # Best effort: a closed loop can run nothing, so its sockets are left to GC.
+            if loop.is_closed():
+                continue
+            if loop is running:
+                task = loop.create_task(closer.aclose())
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+            elif loop.is_running():
+                asyncio.run_coroutine_threadsafe(closer.aclose(), loop)
+            else:
+                loop.run_until_complete(closer.aclose())
+
+    async def aclose(self) -> None:
+        """Close this loop's async client cleanly, then everything else."""
+        with self._lock:
+            entry = self._aclients.pop(asyncio.get_running_loop(), None)
+        if entry is not None:
+            await entry[1].aclose()
+        self.close()

@@ -1,0 +1,151 @@
+"""A store in one SQLite file, shared by every thread and process that opens it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from metrion_fixture.stores.base import Store
+
+_BUSY_TIMEOUT_MS = 5000
+_PURGE_EVERY = 1000
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS entries ("
+    "key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS entries_expires_at ON entries (expires_at)",
+)
+
+
+def _prefix_upper_bound(prefix: str) -> str | None:
+    """The smallest string above every string starting with ``prefix``; None if unbounded.
+
+    SQLite compares TEXT as UTF-8 bytes, which orders like code points, so a range
+    scan on the primary key finds a prefix exactly (LIKE would treat ``_``/``%``
+    as wildcards) and uses the index.
+    """
+    head = prefix
+    while head:
+        code = ord(head[-1]) + 1
+        head = head[:-1]
+        if code == 0xD800:  # surrogates cannot be encoded to UTF-8
+            code = 0xE000
+        if code <= 0x10FFFF:
+            return head + chr(code)
+    return None
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).absolute()
+        self.url = f"sqlite:///{self.path}"
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._pid = os.getpid()
+        self._ready = False
+        self._sets = itertools.count(1)
+        # Connections inherited over fork() must never be used or closed by the child.
+        self._forked: list[sqlite3.Connection] = []
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._forked.extend(self._conns)
+                    self._conns, self._local = [], threading.local()
+                    self._pid = os.getpid()
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection per thread; check_same_thread=False only so close() can
+        # close every thread's connection from the thread that calls it.
+        conn = sqlite3.connect(
+            self.path,
+            timeout=_BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            if not self._ready:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("DELETE FROM entries WHERE expires_at <= ?", (time.time(),))
+                self._ready = True
+            conn.execute("PRAGMA synchronous = NORMAL")  # safe in WAL mode; durable enough for a cache
+        except BaseException:
+            conn.close()
+            raise
+        with self._lock:
+            self._conns.append(conn)
+        return conn
+
+    def _range(self, prefix: str) -> tuple[str, tuple[str, ...]]:
+        upper = _prefix_upper_bound(prefix)
+        if upper is None:
+            return "key >= ?", (prefix,)
+        return "key >= ? AND key < ?", (prefix, upper)
+
+    def get(self, key: str) -> bytes | None:
+        row = self._conn().execute(
+            "SELECT value FROM entries WHERE key = ? AND expires_at > ?", (key, time.time())
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        if ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds!r}")
+        conn = self._conn()
+        now = time.time()
+        conn.execute(
+            "INSERT OR REPLACE INTO entries (key, value, expires_at) VALUES (?, ?, ?)",
+            (key, sqlite3.Binary(value), now + ttl_seconds),
+        )
+        if next(self._sets) % _PURGE_EVERY == 0:
+            conn.execute("DELETE FROM entries WHERE expires_at <= ?", (now,))
+
+    async def aset(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        # Another process may hold the write lock for up to the busy timeout.
+        await asyncio.to_thread(self.set, key, value, ttl_seconds)
+
+    def ttl(self, key: str) -> float | None:
+        now = time.time()
+        row = self._conn().execute(
+            "SELECT expires_at FROM entries WHERE key = ? AND expires_at > ?", (key, now)
+        ).fetchone()
+        return None if row is None else row[0] - now
+
+    def delete_prefix(self, prefix: str) -> int:
+        where, args = self._range(prefix)
+        conn = self._conn()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            # Expired rows go too, but only live ones are counted.
+            conn.execute(f"DELETE FROM entries WHERE {where} AND expires_at <= ?", (*args, time.time()))
+            return conn.execute(f"DELETE FROM entries WHERE {where}", args).rowcount
+
+    def keys(self, prefix: str) -> list[str]:
+        where, args = self._range(prefix)
+        rows = self._conn().execute(
+            f"SELECT key FROM entries WHERE {where} AND expires_at > ? ORDER BY key",
+            (*args, time.time()),
+        )
+        return [row[0] for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns, self._local = self._conns, [], threading.local()
+        for conn in conns:
+            conn.close()

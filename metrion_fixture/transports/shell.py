@@ -1,0 +1,236 @@
+"""Sync and async cache transports for one HTTP library (httpx or httpx2).
+
+httpx and httpx2 share their transport API, so one factory builds the classes
+for either from the library's module. The shells only perform the steps that
+:func:`metrion_fixture.core.exchange.exchange` asks for; every decision is there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+from ..core.engine import Recorder, Reply
+from ..core.exchange import (
+    Answer,
+    Forward,
+    Lookup,
+    Outcome,
+    PassThrough,
+    ReadBody,
+    ReadRequest,
+    Rebuilt,
+    Tee,
+    Write,
+    exchange,
+)
+from ..session import CacheSession, active_session
+
+SessionSource = Callable[[], "CacheSession | None"]
+_KEPT_EXTENSIONS = ("http_version", "reason_phrase")
+
+
+def build_transports(hx: ModuleType) -> SimpleNamespace:
+    """The cache transport classes for the HTTP library ``hx`` (the httpx or httpx2 module)."""
+
+    class ChunkStream(hx.SyncByteStream, hx.AsyncByteStream):  # type: ignore[misc,name-defined]
+        """A stored answer, replayed chunk by chunk with its original boundaries."""
+
+        def __init__(self, chunks: list[bytes]) -> None:
+            # Single pass, like a network stream: an SDK draining the rest after it stopped
+            # reading must get the rest, not a second copy.
+            self._remaining = iter(chunks)
+
+        def __iter__(self) -> Iterator[bytes]:
+            return self._remaining
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            for chunk in self._remaining:
+                yield chunk
+
+    class TeeStream(hx.SyncByteStream):  # type: ignore[misc,name-defined]
+        """The provider's stream, passed on chunk by chunk as it arrives and recorded on the way."""
+
+        def __init__(self, upstream: Any, recorder: Recorder, session: CacheSession) -> None:
+            self._upstream, self._recorder, self._session = upstream, recorder, session
+            self._source: Iterator[bytes] | None = None
+
+        def __iter__(self) -> Iterator[bytes]:
+            # One source for every iteration: SDKs drain the rest of a stream by iterating
+            # it a second time after they stopped reading, and that must resume, not restart.
+            if self._source is None:
+                self._source = self._upstream.iter_bytes()
+            try:
+                for chunk in self._source:
+                    self._recorder.feed(chunk)
+                    yield chunk
+            except Exception:
+                # The provider's stream broke. A caller leaving early is not an Exception:
+                # close() then decides, by whether the terminator had arrived.
+                self._recorder.abandon()
+                raise
+            self._finish(reached_eof=True)
+
+        def close(self) -> None:
+            try:
+                self._upstream.close()
+            finally:
+                self._finish(reached_eof=False)
+
+        def _finish(self, reached_eof: bool) -> None:
+            value = self._recorder.finish_stream(reached_eof, time.perf_counter())
+            if value is not None:
+                plan = self._recorder.plan
+                self._session.write(plan.storage_key, value, plan.write_ttl)
+
+    class AsyncTeeStream(hx.AsyncByteStream):  # type: ignore[misc,name-defined]
+        def __init__(self, upstream: Any, recorder: Recorder, session: CacheSession) -> None:
+            self._upstream, self._recorder, self._session = upstream, recorder, session
+            self._source: AsyncIterator[bytes] | None = None
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            if self._source is None:
+                self._source = self._upstream.aiter_bytes()
+            try:
+                async for chunk in self._source:
+                    self._recorder.feed(chunk)
+                    yield chunk
+            except Exception:
+                self._recorder.abandon()
+                raise
+            await self._finish(reached_eof=True)
+
+        async def aclose(self) -> None:
+            try:
+                await self._upstream.aclose()
+            finally:
+                await self._finish(reached_eof=False)
+
+        async def _finish(self, reached_eof: bool) -> None:
+            value = self._recorder.finish_stream(reached_eof, time.perf_counter())
+            if value is not None:
+                plan = self._recorder.plan
+                await self._session.awrite(plan.storage_key, value, plan.write_ttl)
+
+    def respond(outcome: Outcome, upstream: Any, request: Any, session: CacheSession, tee: type) -> Any:
+        if isinstance(outcome, Answer):
+            return reply_response(outcome.reply, request)
+        if isinstance(outcome, PassThrough):
+            for name, value in outcome.tags:
+                upstream.headers[name] = value
+            return upstream
+        extensions = {name: upstream.extensions[name] for name in _KEPT_EXTENSIONS if name in upstream.extensions}
+        if isinstance(outcome, Rebuilt):
+            return hx.Response(
+                outcome.status, headers=outcome.headers, content=outcome.body, extensions=extensions, request=request
+            )
+        assert isinstance(outcome, Tee)
+        stream = tee(upstream, outcome.recorder, session)
+        return hx.Response(
+            outcome.recorder.status, headers=outcome.headers, stream=stream, extensions=extensions, request=request
+        )
+
+    def reply_response(reply: Reply, request: Any) -> Any:
+        if reply.stream:
+            return hx.Response(reply.status, headers=reply.headers, stream=ChunkStream(reply.chunks), request=request)
+        return hx.Response(reply.status, headers=reply.headers, content=b"".join(reply.chunks), request=request)
+
+    def strip(request: Any, names: tuple[str, ...]) -> None:
+        for name in names:
+            if name in request.headers:
+                del request.headers[name]
+
+    class CacheTransport(hx.BaseTransport):  # type: ignore[misc,name-defined]
+        """Wraps a transport with the cache.
+
+        ``CacheTransport(inner, session=...)`` or ``CacheTransport(inner, url=..., mode=...)``;
+        without ``inner``, the library's default ``HTTPTransport()``.
+        """
+
+        def __init__(
+            self, transport: Any = None, *, session: CacheSession | None = None, **options: Any
+        ) -> None:
+            self.transport = transport if transport is not None else hx.HTTPTransport()
+            self.session = session if session is not None else CacheSession(**options)
+            self._session_source: SessionSource = lambda: self.session
+
+        def handle_request(self, request: Any) -> Any:
+            session = self._session_source()
+            if session is None:
+                return self.transport.handle_request(request)
+            flow = exchange(session, request.method, request.url.path, request.headers)
+            upstream, answer = None, None
+            while True:
+                try:
+                    step = flow.send(answer)
+                except StopIteration as done:
+                    return respond(done.value, upstream, request, session, TeeStream)
+                if isinstance(step, Lookup):
+                    answer = session.read(step.storage_key)
+                elif isinstance(step, ReadRequest):
+                    answer = request.read()
+                elif isinstance(step, Forward):
+                    strip(request, step.strip)
+                    upstream = self.transport.handle_request(request)
+                    answer = (upstream.status_code, upstream.headers.multi_items())
+                elif isinstance(step, ReadBody):
+                    answer = upstream.read()
+                elif isinstance(step, Write):
+                    answer = session.write(*step)
+
+        def close(self) -> None:
+            self.transport.close()
+
+    class AsyncCacheTransport(hx.AsyncBaseTransport):  # type: ignore[misc,name-defined]
+        """The async twin of :class:`CacheTransport`; default inner: ``AsyncHTTPTransport()``."""
+
+        def __init__(
+            self, transport: Any = None, *, session: CacheSession | None = None, **options: Any
+        ) -> None:
+            self.transport = transport if transport is not None else hx.AsyncHTTPTransport()
+            self.session = session if session is not None else CacheSession(**options)
+            self._session_source: SessionSource = lambda: self.session
+
+        async def handle_async_request(self, request: Any) -> Any:
+            session = self._session_source()
+            if session is None:
+                return await self.transport.handle_async_request(request)
+            flow = exchange(session, request.method, request.url.path, request.headers)
+            upstream, answer = None, None
+            while True:
+                try:
+                    step = flow.send(answer)
+                except StopIteration as done:
+                    return respond(done.value, upstream, request, session, AsyncTeeStream)
+                if isinstance(step, Lookup):
+                    answer = await session.aread(step.storage_key)
+                elif isinstance(step, ReadRequest):
+                    answer = await request.aread()
+                elif isinstance(step, Forward):
+                    strip(request, step.strip)
+                    upstream = await self.transport.handle_async_request(request)
+                    answer = (upstream.status_code, upstream.headers.multi_items())
+                elif isinstance(step, ReadBody):
+                    answer = await upstream.aread()
+                elif isinstance(step, Write):
+                    answer = await session.awrite(*step)
+
+        async def aclose(self) -> None:
+            await self.transport.aclose()
+
+    def following_active_session(cls: type, transport: Any) -> Any:
+        """A cache transport that serves whichever session is active at request time (for patching)."""
+        wrapper = cls.__new__(cls)
+        wrapper.transport = transport
+        wrapper.session = None
+        wrapper._session_source = active_session
+        return wrapper
+
+    return SimpleNamespace(
+        CacheTransport=CacheTransport,
+        AsyncCacheTransport=AsyncCacheTransport,
+        following_active_session=following_active_session,
+        module=hx,
+    )
