@@ -7,7 +7,6 @@ import gzip
 import json
 import socket
 import threading
-import time
 import zlib
 from typing import Any, Iterator
 
@@ -234,14 +233,14 @@ def test_status_errors_are_not_retried(
     provider: SimulatedProvider, mode: str, anthropic_error: type, anthropic_type: str, openai_error: type
 ) -> None:
     # max_retries > 0 on purpose: x-should-retry: false must keep the SDKs from retrying.
-    claude = anthropic.Anthropic(base_url=provider.url, api_key="test", max_retries=2)
-    gpt = openai.OpenAI(base_url=provider.url + "/v1", api_key="test", max_retries=2)
-    with pytest.raises(anthropic_error) as a_err:
-        ask_claude(claude, **simulate(mode))
+    with anthropic.Anthropic(base_url=provider.url, api_key="test", max_retries=2) as claude:
+        with pytest.raises(anthropic_error) as a_err:
+            ask_claude(claude, **simulate(mode))
     assert a_err.value.body["type"] == "error" and a_err.value.body["error"]["type"] == anthropic_type
     assert a_err.value.response.headers["x-should-retry"] == "false"
-    with pytest.raises(openai_error) as o_err:
-        ask_gpt(gpt, **simulate(mode))
+    with openai.OpenAI(base_url=provider.url + "/v1", api_key="test", max_retries=2) as gpt:
+        with pytest.raises(openai_error) as o_err:
+            ask_gpt(gpt, **simulate(mode))
     assert set(o_err.value.body) == {"message", "type", "param", "code"}
     assert provider.call_count == 2
 
@@ -372,16 +371,6 @@ def test_httpx2_raw_post_keep_alive(provider: SimulatedProvider) -> None:
     assert provider.call_count == 3 and provider.calls[0].query == "beta=true"
 
 
-def test_keep_alive_round_trips_are_fast(provider: SimulatedProvider) -> None:
-    # Guards against Nagle + delayed ACK, which would add ~40 ms to every answer.
-    with httpx2.Client(base_url=provider.url) as client:
-        client.post("/v1/chat/completions", json={"messages": HELLO})
-        start = time.perf_counter()
-        for _ in range(10):
-            client.post("/v1/chat/completions", json={"messages": HELLO})
-    assert time.perf_counter() - start < 0.3
-
-
 def test_request_headers_and_body_are_recorded(
     provider: SimulatedProvider, claude: anthropic.Anthropic, gpt: openai.OpenAI
 ) -> None:
@@ -411,26 +400,12 @@ def test_concurrent_calls_are_all_recorded(provider: SimulatedProvider, gpt: ope
     assert questions == sorted(f"question {i}" for i in range(16))
 
 
-def test_latency_and_chunk_delay() -> None:
-    with SimulatedProvider(latency=0.1, chunk_delay=0.01) as provider:
-        client = anthropic.Anthropic(base_url=provider.url, api_key="test", max_retries=0)
-        start = time.perf_counter()
-        ask_claude(client)
-        assert time.perf_counter() - start >= 0.1
-        start = time.perf_counter()
-        list(ask_claude(client, stream=True))
-        events = len(ANTHROPIC_EVENTS) - 1 + words(HELLO_ANSWER)
-        assert time.perf_counter() - start >= 0.1 + 0.01 * (events - 1)
-
-
-def test_stop_is_prompt_despite_keep_alive_connections() -> None:
+def test_stop_closes_keep_alive_connections() -> None:
     provider = SimulatedProvider().start()
     assert provider.url == f"http://127.0.0.1:{provider.port}" and provider.port > 0
     client = httpx.Client()
     assert client.post(provider.url + "/v1/chat/completions", json={"messages": []}).status_code == 200
-    start = time.perf_counter()
     provider.stop()
-    assert time.perf_counter() - start < 1.0
     with pytest.raises(httpx.TransportError):
         client.post(provider.url + "/v1/chat/completions", json={"messages": []})
     client.close()

@@ -193,7 +193,9 @@ def test_sqlite_file_is_lazy_wal_and_has_schema(tmp_path: Path) -> None:
     store.close()
 
 
-def test_sqlite_purges_expired_rows_on_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sqlite_purges_expired_rows_on_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "cache.sqlite3"
     store = SQLiteStore(path)
     store.set("old", b"v", 1)
@@ -294,12 +296,15 @@ def test_unreachable_redis_raises() -> None:
 
 
 def test_redis_timeouts_default_and_url_override() -> None:
-    def timeouts(url: str) -> tuple[float, float]:
+    def timeouts(url: str) -> tuple[float, float, int]:
         kwargs = RedisStore(url)._sync().connection_pool.connection_kwargs
-        return kwargs["socket_connect_timeout"], kwargs["socket_timeout"]
+        retries = kwargs["retry"].get_retries()
+        return kwargs["socket_connect_timeout"], kwargs["socket_timeout"], retries
 
-    assert timeouts("redis://127.0.0.1:6379/15") == (1.0, 2.0)
-    assert timeouts("redis://127.0.0.1:6379/15?socket_timeout=5&socket_connect_timeout=3") == (3.0, 5.0)
+    # No retries: redis-py's default of 3 with backoff would multiply the wait on a dead server.
+    assert timeouts("redis://127.0.0.1:6379/15") == (1.0, 2.0, 0)
+    url = "redis://127.0.0.1:6379/15?socket_timeout=5&socket_connect_timeout=3"
+    assert timeouts(url) == (3.0, 5.0, 0)
 
 
 @pytest.mark.parametrize(
@@ -352,7 +357,13 @@ def test_default_store_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 @pytest.mark.parametrize(
-    "url", ["redis://localhost:6379/0", "rediss://h:6380", "unix:///run/redis.sock", "redis://127.0.0.1:1"]
+    "url",
+    [
+        "redis://localhost:6379/0",
+        "rediss://h:6380",
+        "unix:///run/redis.sock",
+        "redis://127.0.0.1:1",
+    ],
 )
 def test_open_store_redis_does_not_connect(url: str) -> None:
     store = open_store(url)

@@ -113,7 +113,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     # Headers and body go out in separate writes: with Nagle on, the body waits ~40 ms for a delayed ACK.
-    disable_nagle_algorithm = False
+    disable_nagle_algorithm = True
     server: _Server
     _gzip = False
 

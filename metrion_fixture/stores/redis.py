@@ -80,7 +80,7 @@ class RedisStore(Store):
         if problem:
             raise MetrionCacheError(
                 f"Bad Redis URL {mask_url(url)!r}: {problem}; "
-                "expected e.g. redis://localhost:6379/0, rediss://HOST or unix:///path/to/redis.sock"
+                "expected e.g. redis://localhost:6379/0, rediss://HOST or unix:///run/redis.sock"
             )
         self._raw_url = url
         self.url = mask_url(url)
@@ -145,7 +145,7 @@ class RedisStore(Store):
         return math.inf if ms == -1 else ms / 1000
 
     def _scan(self, prefix: str) -> Iterator[bytes]:
-        pattern = prefix + "*"
+        pattern = _GLOB_SPECIAL.sub(r"\\\1", prefix) + "*"
         return self._sync().scan_iter(match=pattern, count=1000)
 
     def delete_prefix(self, prefix: str) -> int:

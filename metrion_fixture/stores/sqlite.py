@@ -84,7 +84,8 @@ class SQLiteStore(Store):
                     conn.execute(statement)
                 conn.execute("DELETE FROM entries WHERE expires_at <= ?", (time.time(),))
                 self._ready = True
-            conn.execute("PRAGMA synchronous = NORMAL")  # safe in WAL mode; durable enough for a cache
+            # Safe in WAL mode (a crash loses at most the last writes): enough for a cache.
+            conn.execute("PRAGMA synchronous = NORMAL")
         except BaseException:
             conn.close()
             raise
@@ -133,7 +134,9 @@ class SQLiteStore(Store):
         with conn:
             conn.execute("BEGIN IMMEDIATE")
             # Expired rows go too, but only live ones are counted.
-            conn.execute(f"DELETE FROM entries WHERE {where} AND expires_at <= ?", (*args, time.time()))
+            conn.execute(
+                f"DELETE FROM entries WHERE {where} AND expires_at <= ?", (*args, time.time())
+            )
             return conn.execute(f"DELETE FROM entries WHERE {where}", args).rowcount
 
     def keys(self, prefix: str) -> list[str]:
