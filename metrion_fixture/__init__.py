@@ -17,3 +17,17 @@ __all__ = [
     "enable",
 ]
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext metrion_fixture``: register the ``%metrion_cache`` magics."""
+    from .magic import load_ipython_extension as load  # IPython is imported only here
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    """``%unload_ext metrion_fixture``: remove the magics and turn the cache off."""
+    from .magic import unload_ipython_extension as unload
+
+    unload(ipython)

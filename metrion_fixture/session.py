@@ -76,21 +76,24 @@ class CacheSession:
             self._store_failed("read", error)
             return error
 
-    def write(self, storage_key: str, value: bytes, ttl: int) -> None:
+    def write(self, storage_key: str, value: bytes, ttl: int) -> bool:
+        """Store an entry; False (counted, never raised) if the store failed."""
         try:
             self.store.set(storage_key, value, ttl)
         except Exception as error:  # noqa: BLE001
             self._store_failed("write", error)
-        else:
-            self.ledger.count("stored")
+            return False
+        self.ledger.count("stored")
+        return True
 
-    async def awrite(self, storage_key: str, value: bytes, ttl: int) -> None:
+    async def awrite(self, storage_key: str, value: bytes, ttl: int) -> bool:
         try:
             await self.store.aset(storage_key, value, ttl)
         except Exception as error:  # noqa: BLE001
             self._store_failed("write", error)
-        else:
-            self.ledger.count("stored")
+            return False
+        self.ledger.count("stored")
+        return True
 
     def _store_failed(self, action: str, error: Exception) -> None:
         self.ledger.count("store_errors")
@@ -118,6 +121,11 @@ _scoped: list[CacheSession] = []
 def active_session() -> CacheSession | None:
     scoped = _scoped
     return scoped[-1] if scoped else _enabled
+
+
+def enabled_session() -> CacheSession | None:
+    """The session :func:`~metrion_fixture.enable` set, whatever ``cache()`` blocks are open."""
+    return _enabled
 
 
 def set_enabled(session: CacheSession | None) -> CacheSession | None:

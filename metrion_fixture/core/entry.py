@@ -86,7 +86,7 @@ class Entry:
         if not isinstance(meta, dict) or meta.get("v") != FORMAT_VERSION:
             raise CorruptEntry("unknown entry version")
         chunks = []
-        while offset < len(body):
+        while offset + 4 <= len(body):  # fewer bytes than a length prefix: caught as truncated below
             (length,) = _U32.unpack_from(view, offset)
             offset += 4
             chunks.append(bytes(view[offset : offset + length]))

@@ -14,6 +14,7 @@ from collections.abc import Generator, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..formats import wire_format_for
+from .directives import MODE_HEADER
 from .engine import (
     ERROR,
     HIT,
@@ -86,12 +87,14 @@ READ_REQUEST = ReadRequest()
 READ_BODY = ReadBody()
 
 
-def exchange(session: CacheSession, method: str, path: str, headers: Mapping[str, str]) -> Generator[Step, Any, Outcome]:
+def exchange(
+    session: CacheSession, method: str, path: str, headers: Mapping[str, str]
+) -> Generator[Step, Any, Outcome]:
     started = time.perf_counter()
     wire_format = wire_format_for(method, path)
     if wire_format is None:
         # Not an LLM call: untouched and unrecorded, only our own header removed.
-        yield Forward(Plan(outcome="").strip)
+        yield Forward((MODE_HEADER,))
         return PassThrough([])
 
     body = yield READ_REQUEST
@@ -152,3 +155,50 @@ def _record(session: CacheSession, plan: Plan, outcome: str, status: int, starte
             at=time.time(),
         )
     )
+
+
+def import_recorded(
+    session: CacheSession,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    status: int,
+    response_headers: list[tuple[str, str]],
+    response_body: bytes,
+) -> bool:
+    """Store a request/response pair recorded elsewhere (a vcrpy cassette, say); True if stored.
+
+    It runs the same :func:`exchange` as a transport does, the recording standing in for
+    the provider, so it is keyed, filtered and stored exactly as the live answer would
+    have been. Give it a session in ``refresh`` mode to replace existing entries.
+    """
+    flow = exchange(session, method, path, {name.lower(): value for name, value in headers.items()})
+    answer: Any = None
+    stored = False
+    try:
+        while True:
+            step = flow.send(answer)
+            answer = None
+            if isinstance(step, ReadRequest):
+                answer = body
+            elif isinstance(step, Lookup):
+                answer = session.read(step.storage_key)
+            elif isinstance(step, Forward):
+                answer = (status, response_headers)
+            elif isinstance(step, ReadBody):
+                answer = response_body
+            elif isinstance(step, Write):
+                stored = session.write(*step)
+    except StopIteration as done:
+        outcome = done.value
+    if isinstance(outcome, Tee):
+        # Recordings keep a stream's body whole; store it an event per chunk, as a provider sends it.
+        recorder = outcome.recorder
+        for event in response_body.split(b"\n\n"):
+            if event:
+                recorder.feed(event + b"\n\n")
+        value = recorder.finish_stream(True, time.perf_counter())
+        if value is not None:
+            stored = session.write(recorder.plan.storage_key, value, recorder.plan.write_ttl)
+    return stored

@@ -46,12 +46,16 @@ def run_demo(url: str | None = None, *, latency: float = 0.8, out: TextIO = sys.
         cleared = session.clear()
         print(f"metrion-cache demo: simulated provider at {provider.url}, cache store {session.url}", file=out)
         if cleared:
-            print(f"(cleared {cleared} entries left by an earlier demo run, so the first call is a real miss)", file=out)
+            print(f"(cleared {cleared} entries of an earlier demo run, so the first call is a real miss)", file=out)
         client = anthropic.Anthropic(base_url=provider.url, api_key="demo-no-key-needed", max_retries=0)
         system = "You are the FAQ bot of an online shop. Answer in one or two sentences."
         for who, question, streamed in script:
-            args = dict(model="claude-sonnet-5-5", max_tokens=200, system=system,
-                        messages=[{"role": "user", "content": question}])
+            args = dict(
+                model="claude-sonnet-5-5",
+                max_tokens=200,
+                system=system,
+                messages=[{"role": "user", "content": question}],
+            )
             started = time.perf_counter()
             if streamed:
                 with client.messages.stream(**args) as stream:
@@ -84,4 +88,5 @@ def _print_table(rows: list[Row], provider_calls: int, out: TextIO) -> None:
     print(f"{len(rows)} requests, {provider_calls} reached the provider, {len(hits)} answered by the cache.", file=out)
     if misses and hits:
         miss_ms, hit_ms = sum(misses) / len(misses), sum(hits) / len(hits)
-        print(f"A miss took {miss_ms:.0f} ms on average, a hit {hit_ms:.2f} ms: {miss_ms / hit_ms:,.0f}x faster.", file=out)
+        speedup = miss_ms / hit_ms
+        print(f"A miss took {miss_ms:.0f} ms on average, a hit {hit_ms:.2f} ms: {speedup:,.0f}x faster.", file=out)

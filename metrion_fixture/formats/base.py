@@ -78,6 +78,8 @@ class StreamWatcher:
         lines = (self._partial + chunk).split(b"\n")
         self._partial = lines.pop()
         for raw in lines:
+            if self.failed:  # an error is final, however the bytes were split
+                return
             self._line(raw.rstrip(b"\r").decode("utf-8", "replace"))
 
     def _line(self, line: str) -> None:

@@ -16,8 +16,11 @@ _ACCEPTED = (
     "redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS), unix:///path/to/redis.sock; "
     "for example sqlite:///.metrion_cache/cache.sqlite3 or redis://localhost:6379/0"
 )
-_memory_stores: dict[str, MemoryStore] = {}
-_memory_lock = threading.Lock()
+# One store object per URL in a process: sessions are cheap (one per test, per cell),
+# connections and SQLite handles are not. For memory:// this is also what makes every
+# session on the same URL see the same data.
+_open_stores: dict[str, Store] = {}
+_open_lock = threading.Lock()
 
 
 def default_store_url() -> str:
@@ -25,12 +28,22 @@ def default_store_url() -> str:
 
 
 def open_store(url: str) -> Store:
-    """The store ``url`` names. Cheap: nothing connects until the first read or write."""
+    """The store ``url`` names, shared by every caller in this process that names it.
+
+    Cheap: nothing connects until the first read or write. Closing a shared store is
+    harmless, as stores reopen on their next use.
+    """
+    with _open_lock:
+        store = _open_stores.get(url) if isinstance(url, str) else None
+        if store is None:
+            store = _open_stores[url] = _new_store(url)
+        return store
+
+
+def _new_store(url: str) -> Store:
     scheme, sep, rest = url.partition("://") if isinstance(url, str) else ("", "", "")
     if sep and scheme == "memory":
-        # One store per name, so every memory:// URL in a process sees the same data.
-        with _memory_lock:
-            return _memory_stores.setdefault(rest, MemoryStore(url))
+        return MemoryStore(url)
     if sep and scheme == "sqlite":
         if not rest.startswith("/") or rest.endswith("/"):
             raise MetrionCacheError(f"Bad SQLite URL {url!r}: it needs a file path; {_ACCEPTED}.")

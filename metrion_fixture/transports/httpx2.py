@@ -1,4 +1,4 @@
-"""Cache transports for httpx2 (what anthropic 2.x, openai 3.x and friends use): ``CacheTransport`` and ``AsyncCacheTransport``.
+"""Cache transports for httpx2, which anthropic 2.x and openai 3.x use: ``CacheTransport``, ``AsyncCacheTransport``.
 
     client = httpx2.Client(transport=CacheTransport(httpx2.HTTPTransport(), url="redis://localhost"))
 """

@@ -50,7 +50,7 @@ def _patch_for(library: SimpleNamespace, cache_class: type, original: Callable[.
             return transport
         wrapper = getattr(transport, _WRAPPER_ATTRIBUTE, None)
         if wrapper is None:
-            wrapper = library.following_active_session(cache_class, transport)
+            wrapper = cache_class(transport, session=active_session)
             try:
                 setattr(transport, _WRAPPER_ATTRIBUTE, wrapper)
             except AttributeError:
@@ -89,7 +89,7 @@ def uninstall() -> None:
         while _patched:
             client_class, original, patched = _patched.pop()
             if client_class.__dict__.get("_transport_for_url") is patched:
-                client_class._transport_for_url = original
+                setattr(client_class, "_transport_for_url", original)
 
 
 def installed() -> bool:

@@ -26,7 +26,7 @@ from ..core.exchange import (
     Write,
     exchange,
 )
-from ..session import CacheSession, active_session
+from ..session import CacheSession
 
 SessionSource = Callable[[], "CacheSession | None"]
 _KEPT_EXTENSIONS = ("http_version", "reason_phrase")
@@ -145,23 +145,28 @@ def build_transports(hx: ModuleType) -> SimpleNamespace:
     class CacheTransport(hx.BaseTransport):  # type: ignore[misc,name-defined]
         """Wraps a transport with the cache.
 
-        ``CacheTransport(inner, session=...)`` or ``CacheTransport(inner, url=..., mode=...)``;
-        without ``inner``, the library's default ``HTTPTransport()``.
+        ``CacheTransport(inner, session=...)`` or ``CacheTransport(inner, url=..., mode=...)``
+        (the options of :class:`CacheSession`); without ``inner``, the library's default
+        ``HTTPTransport()``. ``transport.session`` is the session it serves.
         """
 
+        @property
+        def session(self) -> CacheSession | None:
+            return self._session_source()
+
         def __init__(
-            self, transport: Any = None, *, session: CacheSession | None = None, **options: Any
+            self, transport: Any = None, *, session: CacheSession | SessionSource | None = None, **options: Any
         ) -> None:
             self.transport = transport if transport is not None else hx.HTTPTransport()
-            self.session = session if session is not None else CacheSession(**options)
-            self._session_source: SessionSource = lambda: self.session
+            self._session_source = session_source(session, options)
 
         def handle_request(self, request: Any) -> Any:
             session = self._session_source()
             if session is None:
                 return self.transport.handle_request(request)
             flow = exchange(session, request.method, request.url.path, request.headers)
-            upstream, answer = None, None
+            upstream: Any = None
+            answer: Any = None
             while True:
                 try:
                     step = flow.send(answer)
@@ -178,7 +183,8 @@ def build_transports(hx: ModuleType) -> SimpleNamespace:
                 elif isinstance(step, ReadBody):
                     answer = upstream.read()
                 elif isinstance(step, Write):
-                    answer = session.write(*step)
+                    session.write(*step)
+                    answer = None
 
         def close(self) -> None:
             self.transport.close()
@@ -186,19 +192,23 @@ def build_transports(hx: ModuleType) -> SimpleNamespace:
     class AsyncCacheTransport(hx.AsyncBaseTransport):  # type: ignore[misc,name-defined]
         """The async twin of :class:`CacheTransport`; default inner: ``AsyncHTTPTransport()``."""
 
+        @property
+        def session(self) -> CacheSession | None:
+            return self._session_source()
+
         def __init__(
-            self, transport: Any = None, *, session: CacheSession | None = None, **options: Any
+            self, transport: Any = None, *, session: CacheSession | SessionSource | None = None, **options: Any
         ) -> None:
             self.transport = transport if transport is not None else hx.AsyncHTTPTransport()
-            self.session = session if session is not None else CacheSession(**options)
-            self._session_source: SessionSource = lambda: self.session
+            self._session_source = session_source(session, options)
 
         async def handle_async_request(self, request: Any) -> Any:
             session = self._session_source()
             if session is None:
                 return await self.transport.handle_async_request(request)
             flow = exchange(session, request.method, request.url.path, request.headers)
-            upstream, answer = None, None
+            upstream: Any = None
+            answer: Any = None
             while True:
                 try:
                     step = flow.send(answer)
@@ -215,22 +225,26 @@ def build_transports(hx: ModuleType) -> SimpleNamespace:
                 elif isinstance(step, ReadBody):
                     answer = await upstream.aread()
                 elif isinstance(step, Write):
-                    answer = await session.awrite(*step)
+                    await session.awrite(*step)
+                    answer = None
 
         async def aclose(self) -> None:
             await self.transport.aclose()
 
-    def following_active_session(cls: type, transport: Any) -> Any:
-        """A cache transport that serves whichever session is active at request time (for patching)."""
-        wrapper = cls.__new__(cls)
-        wrapper.transport = transport
-        wrapper.session = None
-        wrapper._session_source = active_session
-        return wrapper
+    return SimpleNamespace(CacheTransport=CacheTransport, AsyncCacheTransport=AsyncCacheTransport, module=hx)
 
-    return SimpleNamespace(
-        CacheTransport=CacheTransport,
-        AsyncCacheTransport=AsyncCacheTransport,
-        following_active_session=following_active_session,
-        module=hx,
-    )
+
+def session_source(session: CacheSession | SessionSource | None, options: dict[str, Any]) -> SessionSource:
+    """Where a transport finds its session: a fixed one, or a callable asked on every request.
+
+    The patched clients pass :func:`active_session`, so one wrapper per transport
+    serves whichever ``enable()`` / ``cache()`` session is active at the time.
+    """
+    if isinstance(session, CacheSession):
+        return lambda: session
+    if session is not None:
+        if options:
+            raise TypeError("pass either a session source or session options, not both")
+        return session
+    own = CacheSession(**options)
+    return lambda: own

@@ -1,0 +1,473 @@
+"""The pytest plugin: the ``metrion_cache`` fixture and marker, options, and a summary for CI.
+
+Registered through the ``pytest11`` entry point, so installing the package is enough.
+Nothing is patched unless a test asks for the cache (the fixture or the marker) or
+``--metrion-cache-all`` turns it on for every test. Each such test gets its own
+:class:`~metrion_fixture.CacheSession` (its own stats and records) over a store that
+is opened once per URL and shared by the whole run.
+
+Settings, strongest first: the marker, the command line, the ini file, the
+environment (``METRION_CACHE_URL``, ``METRION_CACHE_MODE``), the defaults.
+
+This module is imported at every pytest start-up: it must stay cheap, so httpx,
+httpx2 and redis are only imported once a test uses the cache.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .core.directives import check_namespace, check_session_mode, check_ttl
+from .errors import MetrionCacheError
+
+if TYPE_CHECKING:
+    from .session import CacheSession
+    from .stores.base import Store
+
+MARKER = "metrion_cache"
+FIXTURE = "metrion_cache"
+URL_ENV = "METRION_CACHE_URL"
+MODE_ENV = "METRION_CACHE_MODE"
+MARKER_KEYS = ("mode", "ttl", "namespace", "url")
+WORKER_OUTPUT_KEY = "metrion_cache"
+DEFAULT_MODE = "true"
+
+_COUNTERS = ("hits", "misses", "refreshes", "bypassed", "errors", "store_errors", "stored")
+
+
+@dataclass(frozen=True)
+class Setting:
+    value: Any
+    source: str  # "marker", "command line", "ini", "environment" or "default"
+
+
+# --- options ------------------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("metrion-cache", "LLM response cache (metrion-fixture)")
+    group.addoption(
+        "--metrion-cache",
+        dest="metrion_cache_mode",
+        metavar="MODE",
+        default=None,
+        help="cache mode for tests that use the cache: true (default; read and write), refresh (call the "
+        "provider, replace entries), off (only requests with an x-metrion-cache header), replay (read "
+        "only: a request that is not cached fails its test, the provider is never called). "
+        f"ini: metrion_cache_mode; env: {MODE_ENV}",
+    )
+    group.addoption(
+        "--metrion-cache-url",
+        dest="metrion_cache_url",
+        metavar="URL",
+        default=None,
+        help="cache store: redis://HOST[:PORT][/DB], rediss://..., sqlite:///PATH or memory://. "
+        f"ini: metrion_cache_url; env: {URL_ENV}; default: .metrion_cache/cache.sqlite3 under the rootdir",
+    )
+    group.addoption(
+        "--metrion-cache-ttl",
+        dest="metrion_cache_ttl",
+        metavar="TTL",
+        default=None,
+        help="how long new entries live: seconds or a duration like 90m, 12h, 7d (default 7d). "
+        "ini: metrion_cache_ttl",
+    )
+    group.addoption(
+        "--metrion-cache-namespace",
+        dest="metrion_cache_namespace",
+        metavar="NAME",
+        default=None,
+        help="keep this run's entries apart from others' (default: metrion). ini: metrion_cache_namespace",
+    )
+    group.addoption(
+        "--metrion-cache-all",
+        dest="metrion_cache_all",
+        action="store_true",
+        default=False,
+        help="use the cache in every test, without the fixture or the marker. ini: metrion_cache_all",
+    )
+    parser.addini("metrion_cache_mode", "cache mode: true, refresh, off or replay (see --metrion-cache)", default="")
+    parser.addini("metrion_cache_url", "cache store URL (see --metrion-cache-url)", default="")
+    parser.addini("metrion_cache_ttl", "TTL of new entries, e.g. 3600 or 7d (see --metrion-cache-ttl)", default="")
+    parser.addini("metrion_cache_namespace", "cache namespace (see --metrion-cache-namespace)", default="")
+    parser.addini("metrion_cache_all", "use the cache in every test (see --metrion-cache-all)", type="bool", default=False)
+
+
+def _setting(config: pytest.Config, name: str, env: str | None, default: Any) -> Setting:
+    value = config.getoption(f"metrion_cache_{name}")
+    if value is not None and str(value).strip():
+        return Setting(str(value).strip(), "command line")
+    value = config.getini(f"metrion_cache_{name}")
+    if value is not None and str(value).strip():
+        return Setting(str(value).strip(), "ini")
+    if env and os.environ.get(env, "").strip():
+        return Setting(os.environ[env].strip(), "environment")
+    return Setting(default, "default")
+
+
+def _describe(setting: Setting, name: str) -> str:
+    where = {
+        "command line": f"--metrion-cache{'' if name == 'mode' else '-' + name}",
+        "ini": f"ini option metrion_cache_{name}",
+        "environment": f"${URL_ENV if name == 'url' else MODE_ENV}",
+        "marker": f"@pytest.mark.{MARKER}({name}=...)",
+    }
+    return where.get(setting.source, name)
+
+
+_CHECKS = {"mode": check_session_mode, "ttl": check_ttl, "namespace": check_namespace}
+
+
+def _mask(url: str) -> str:
+    """A store URL fit to print: passwords hidden (stores.redis.mask_url would import redis at start-up)."""
+    url = re.sub(r"^([^:/?#]+://[^:/?#@]*):[^/?#@]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+
+
+# --- per-run state ------------------------------------------------------------------------------
+
+
+class _State:
+    """What the plugin knows for one pytest run (one per Config: pytester runs nest in one process)."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        default_url = f"sqlite:///{Path(config.rootpath) / '.metrion_cache' / 'cache.sqlite3'}"
+        self.base = {
+            "mode": _setting(config, "mode", MODE_ENV, DEFAULT_MODE),
+            "url": _setting(config, "url", URL_ENV, default_url),
+            "ttl": _setting(config, "ttl", None, None),
+            "namespace": _setting(config, "namespace", None, None),
+        }
+        for name, check in _CHECKS.items():
+            setting = self.base[name]
+            if setting.value is None:
+                continue
+            try:
+                check(setting.value)
+            except MetrionCacheError as error:
+                raise pytest.UsageError(f"metrion cache: {_describe(setting, name)}: {error}") from None
+        self.all_tests = bool(config.getoption("metrion_cache_all")) or bool(config.getini("metrion_cache_all"))
+        self.stores: dict[str, Store] = {}
+        self.totals = _empty_totals()
+
+    def settings_for(self, item: pytest.Item) -> dict[str, Setting]:
+        """The base settings, overridden by the markers on the test, its class and its module (closest wins)."""
+        merged = dict(self.base)
+        for mark in reversed(list(item.iter_markers(MARKER))):
+            if len(mark.args) > 1:
+                pytest.fail(f"metrion cache: @pytest.mark.{MARKER} takes at most one positional argument (the mode)", pytrace=False)
+            unknown = sorted(set(mark.kwargs) - set(MARKER_KEYS))
+            if unknown:
+                pytest.fail(
+                    f"metrion cache: unknown {MARKER} marker argument(s) {', '.join(unknown)}; "
+                    f"use {', '.join(MARKER_KEYS)}",
+                    pytrace=False,
+                )
+            values = dict(mark.kwargs)
+            if mark.args:
+                values["mode"] = mark.args[0]
+            for name, value in values.items():
+                if value is not None:
+                    merged[name] = Setting(value, "marker")
+        return merged
+
+    def open_session(self, settings: dict[str, Setting]) -> CacheSession:
+        from .session import CacheSession
+
+        problem = None
+        for name, check in _CHECKS.items():  # the run's own settings were checked at start-up; a marker's are not
+            setting = settings[name]
+            if setting.source == "marker" and setting.value is not None:
+                try:
+                    check(setting.value)
+                except MetrionCacheError as error:
+                    problem = f"metrion cache: {_describe(setting, name)}: {error}"
+                    break
+        url = settings["url"].value
+        if problem is None:
+            try:
+                session = CacheSession(
+                    url, mode=settings["mode"].value, ttl=settings["ttl"].value, namespace=settings["namespace"].value
+                )
+            except MetrionCacheError as error:
+                problem = f"metrion cache: {_describe(settings['url'], 'url')}: {error}"
+        if problem is not None:
+            pytest.fail(problem, pytrace=False)  # outside the except block: no chained traceback
+        # open_store shares one store per URL, so a session per test is not a connection per test;
+        # remembered here to be closed when the run ends.
+        self.stores[url] = session.store
+        return session
+
+    def finish(self, nodeid: str, session: CacheSession) -> None:
+        """Add one test's session to the run's totals."""
+        stats, calls, totals = session.stats, session.calls, self.totals
+        totals["tests"] += 1
+        for name in _COUNTERS:
+            totals[name] += getattr(stats, name)
+        totals["saved_seconds"] += stats.saved_seconds
+        if session.url not in totals["urls"]:
+            totals["urls"].append(session.url)
+        if stats.store_errors:
+            # The store failed in this test: whatever reached the provider went without the cache.
+            totals["without_store"] += sum(1 for call in calls if call.status in ("MISS", "REFRESH"))
+            if session.url not in totals["down_urls"]:
+                totals["down_urls"].append(session.url)
+        missed = [call for call in calls if call.status == "MISS"]
+        if missed:
+            models = sorted({call.model for call in missed})
+            totals["missed_tests"].append({"nodeid": nodeid, "misses": len(missed), "models": models})
+        for call in _replay_misses(session):
+            totals["replay_misses"].append(
+                {"nodeid": nodeid, "model": call.model, "key": call.key, "store_down": bool(stats.store_errors)}
+            )
+
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add an xdist worker's totals."""
+        totals = self.totals
+        for name in ("tests", "without_store", "saved_seconds", *_COUNTERS):
+            totals[name] += other.get(name, 0)
+        for name in ("urls", "down_urls"):
+            totals[name].extend(url for url in other.get(name, []) if url not in totals[name])
+        for name in ("missed_tests", "replay_misses"):
+            totals[name].extend(other.get(name, []))
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001, S110 - closing a store that is down must not fail the run
+                pass
+        self.stores.clear()
+
+
+def _empty_totals() -> dict[str, Any]:
+    # Plain types only: xdist workers send it to the controller.
+    totals: dict[str, Any] = {name: 0 for name in ("tests", "without_store", *_COUNTERS)}
+    totals.update(saved_seconds=0.0, urls=[], down_urls=[], missed_tests=[], replay_misses=[])
+    return totals
+
+
+def _replay_misses(session: CacheSession) -> list[Any]:
+    # The cache's own 504s: replay found no entry, or could not read the store.
+    return [call for call in session.calls if call.status == "ERROR" and call.http_status == 504]
+
+
+_STATE = pytest.StashKey[_State]()
+_ACTIVE = pytest.StashKey["tuple[CacheSession, dict[str, Setting]]"]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        f"{MARKER}(mode=None, ttl=None, namespace=None, url=None): use the metrion LLM response cache in "
+        "this test (or every test of the class or module), with these settings over the command line's",
+    )
+    config.stash[_STATE] = _State(config)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is not None:
+        state.close()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    state = config.stash.get(_STATE, None)
+    if state is None:
+        return None
+    chosen = [
+        f"{name}={_mask(str(setting.value)) if name == 'url' else setting.value} ({setting.source})"
+        for name, setting in state.base.items()
+        if setting.source != "default"
+    ]
+    if not chosen and not state.all_tests:
+        return None
+    scope = "every test" if state.all_tests else "tests with the fixture or marker"
+    return [f"metrion cache: {', '.join(chosen) or 'defaults'}; {scope}"]
+
+
+# --- the fixture and the marker -----------------------------------------------------------------
+
+
+@pytest.fixture
+def metrion_cache(request: pytest.FixtureRequest) -> Iterator[CacheSession]:
+    """The LLM response cache, active for this test; returns the test's ``CacheSession``.
+
+    ``metrion_cache.stats`` (hits, misses, ...) and ``metrion_cache.calls`` cover
+    this test's requests only. Settings: ``@pytest.mark.metrion_cache(...)``, then
+    the command line, the ini file, the environment.
+    """
+    from .api import cache
+
+    state = request.config.stash[_STATE]
+    settings = state.settings_for(request.node)
+    session = state.open_session(settings)
+    request.node.stash[_ACTIVE] = (session, settings)
+    try:
+        with cache(session=session):
+            yield session
+    finally:
+        state.finish(request.node.nodeid, session)
+        del request.node.stash[_ACTIVE]  # the reports are made; do not keep every test's records to the end
+
+
+@pytest.fixture(autouse=True)
+def _metrion_cache_autouse(request: pytest.FixtureRequest) -> None:
+    """Start the cache first (before the test's other fixtures) where the marker, the fixture or --metrion-cache-all asks."""
+    state = request.config.stash.get(_STATE, None)
+    if state is None:
+        return
+    if state.all_tests or FIXTURE in request.fixturenames or request.node.get_closest_marker(MARKER) is not None:
+        request.getfixturevalue(FIXTURE)
+
+
+# --- replay misses: the test fails, and says how to record --------------------------------------
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        active = item.stash.get(_ACTIVE, None)
+        text = _replay_failure_text(item, *active) if active is not None else None
+        if text:
+            title = "metrion cache: replay miss"
+            addsection = getattr(report.longrepr, "addsection", None)  # a traceback's repr: shown with it
+            if addsection is not None:
+                addsection(title, text)
+            else:
+                report.sections.append((title, text))
+    return report
+
+
+def _replay_failure_text(item: pytest.Item, session: CacheSession, settings: dict[str, Setting]) -> str | None:
+    misses = _replay_misses(session)
+    if not misses:
+        return None
+    answers = "\n".join(
+        f"  model {call.model!r}  key {call.key}  ({call.wire_format}, {'stream' if call.stream else 'json'})"
+        for call in misses
+    )
+    if session.stats.store_errors:
+        return (
+            f"{item.nodeid}: the cache store {session.url} could not be read, and in replay mode the provider "
+            f"is never called, so these requests failed:\n{answers}\n"
+            f"Check that the store is running and that the URL is right "
+            f"(--metrion-cache-url, ini metrion_cache_url or ${URL_ENV})."
+        )
+    return (
+        f"{item.nodeid} asked for {len(misses)} answer{'s' if len(misses) != 1 else ''} that "
+        f"{'are' if len(misses) != 1 else 'is'} not in the cache ({session.url}, namespace "
+        f"{session.settings.namespace!r}); in replay mode the provider is never called:\n{answers}\n"
+        f"{_record_hint(item, settings, session.url)}"
+    )
+
+
+def _record_hint(item: pytest.Item, settings: dict[str, Setting], session_url: str) -> str:
+    if settings["mode"].source == "marker":
+        return (
+            f"Its {MARKER} marker sets mode={settings['mode'].value!r}: set it to 'true' (or remove it) and run "
+            f"with a provider key to record:\n  pytest {shlex.quote(item.nodeid)}"
+        )
+    command = ["pytest", "--metrion-cache=true"]
+    config = item.config
+    if config.getoption("metrion_cache_all"):
+        command.append("--metrion-cache-all")
+    for name in ("url", "namespace", "ttl"):
+        if settings[name].source == "command line":
+            value = session_url if name == "url" else settings[name].value  # the URL with its password masked
+            command.append(f"--metrion-cache-{name}={value}")
+    command.append(item.nodeid)
+    return "To record it, run with a provider key:\n  " + " ".join(shlex.quote(part) for part in command)
+
+
+# --- the summary (and xdist totals) -------------------------------------------------------------
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    state = config.stash.get(_STATE, None)
+    workeroutput = getattr(config, "workeroutput", None)
+    if state is not None and workeroutput is not None:
+        workeroutput[WORKER_OUTPUT_KEY] = state.totals
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: Any) -> None:
+    """pytest-xdist, on the controller: add a finished worker's totals."""
+    state = node.config.stash.get(_STATE, None)
+    data = getattr(node, "workeroutput", {}).get(WORKER_OUTPUT_KEY)
+    if state is not None and data:
+        state.merge(data)
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is None or getattr(config, "workeroutput", None) is not None or not state.totals["tests"]:
+        return
+    terminalreporter.write_sep("-", "metrion cache")
+    for line in summary_lines(state.totals, verbose=config.get_verbosity() > 0):
+        terminalreporter.write_line(line)
+
+
+def _count(number: int, word: str, plural: str | None = None) -> str:
+    return f"{number} {word if number == 1 else plural or word + 's'}"
+
+
+def summary_lines(totals: dict[str, Any], *, verbose: bool) -> list[str]:
+    requests = sum(totals[name] for name in ("hits", "misses", "refreshes", "bypassed", "errors"))
+    parts = [
+        _count(totals["hits"], "hit"),
+        _count(totals["misses"], "miss", "misses"),
+        _count(totals["refreshes"], "refresh", "refreshes"),
+        _count(totals["errors"], "error"),
+    ]
+    if totals["bypassed"]:
+        parts.append(f"{totals['bypassed']} bypassed")
+    lines = [
+        (
+            f"{_count(totals['tests'], 'test')} used the cache: {_count(requests, 'request')}: {', '.join(parts)}; "
+            f"provider time saved {totals['saved_seconds']:.2f} s"
+        ),
+        f"store: {', '.join(totals['urls'])}",
+    ]
+    if totals["store_errors"]:
+        lines.append(
+            f"the cache store was unreachable ({', '.join(totals['down_urls'])}, "
+            f"{_count(totals['store_errors'], 'failed read or write', 'failed reads or writes')}): "
+            f"{_count(totals['without_store'], 'request')} went to the provider without it"
+        )
+    replay = totals["replay_misses"]
+    if replay:
+        store_down = sum(1 for miss in replay if miss["store_down"])
+        lines.append(
+            f"replay: {_count(len(replay), 'request')} could not be answered "
+            f"({len(replay) - store_down} not cached, {store_down} with the store unreachable); "
+            "their tests failed without calling the provider:"
+        )
+        lines.extend(
+            f"  {miss['nodeid']}  model {miss['model']!r}  key {miss['key']}"
+            + ("  (store unreachable)" if miss["store_down"] else "")
+            for miss in replay
+        )
+    missed = totals["missed_tests"]
+    if missed and verbose:
+        lines.append("tests that called the provider (cache misses):")
+        lines.extend(
+            f"  {test['nodeid']}  {_count(test['misses'], 'miss', 'misses')} ({', '.join(test['models'])})"
+            for test in missed
+        )
+    elif missed:
+        lines.append(f"{_count(len(missed), 'test')} called the provider (-v lists them)")
+    return lines

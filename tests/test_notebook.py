@@ -1,0 +1,95 @@
+"""notebooks/quickstart.ipynb, executed in a real Jupyter kernel (ipykernel, driven by nbclient).
+
+The test runs the simulated provider itself and hands its URL to the notebook
+(METRION_DEMO_PROVIDER_URL), so it can count the provider calls each cell makes; the
+cache store is a SQLite file in tmp_path (METRION_CACHE_URL), which outlives the kernel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
+
+# Provider calls per cell id on a first run with an empty cache; every other cell makes none.
+FIRST_RUN_CALLS = {"first-call": 1, "mixed": 1, "refresh-call": 1, "one-cell": 1}
+# The cell after `%metrion_cache refresh` asks the provider again by design; nothing else does.
+SECOND_RUN_CALLS = {"refresh-call": 1}
+
+
+@pytest.fixture
+def kernel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, provider) -> Path:
+    """What the kernel inherits: the test's provider and store, no API key, no user kernelspecs."""
+    monkeypatch.setenv("METRION_DEMO_PROVIDER_URL", provider.url)
+    monkeypatch.setenv("METRION_CACHE_URL", f"sqlite:///{tmp_path / 'cache.sqlite3'}")
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    # Profiles and kernelspecs of the machine's user stay out: "python3" is this interpreter's kernel.
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    return workdir
+
+
+def execute(workdir: Path, provider) -> tuple[nbformat.NotebookNode, dict[str, int]]:
+    """Run every cell in a new kernel; return the executed notebook and each cell's provider calls."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        notebook, kernel_name="python3", timeout=60, resources={"metadata": {"path": str(workdir)}}
+    )
+    calls: dict[str, int] = {}
+    with client.setup_kernel():
+        for index, cell in enumerate(notebook.cells):
+            before = provider.call_count
+            client.execute_cell(cell, index)
+            calls[cell.id] = provider.call_count - before
+    return notebook, calls
+
+
+def reports(cell: nbformat.NotebookNode) -> list[dict[str, str]]:
+    return [
+        output["data"]
+        for output in cell.get("outputs", [])
+        if output["output_type"] == "display_data"
+        and output["data"].get("text/plain", "").startswith("metrion cache:")
+    ]
+
+
+def cell_by_id(notebook: nbformat.NotebookNode, cell_id: str) -> nbformat.NotebookNode:
+    return next(cell for cell in notebook.cells if cell.id == cell_id)
+
+
+def test_quickstart_reruns_from_the_cache_after_a_kernel_restart(kernel_env: Path, provider, tmp_path: Path):
+    """First run: the changed calls reach the provider. A new kernel: only the refreshed cell does,
+    and each calling cell shows the report line."""
+    first, first_calls = execute(kernel_env, provider)
+    second, second_calls = execute(kernel_env, provider)
+
+    assert {k: v for k, v in first_calls.items() if v} == FIRST_RUN_CALLS
+    assert {k: v for k, v in second_calls.items() if v} == SECOND_RUN_CALLS
+    assert (tmp_path / "cache.sqlite3").is_file()
+
+    [miss] = reports(cell_by_id(first, "first-call"))
+    assert miss["text/plain"] == "metrion cache: 0 from cache, 1 from the provider"
+    [hit] = reports(cell_by_id(first, "rerun"))
+    assert hit["text/plain"].startswith("metrion cache: 1 from cache, 0 from the provider, ")
+    assert ">cached</span>" in hit["text/html"]
+    [refreshed] = reports(cell_by_id(second, "refresh-call"))
+    assert refreshed["text/plain"] == "metrion cache: 0 from cache, 1 from the provider (1 refreshed)"
+    for cell_id in ("first-call", "rerun", "mixed", "async-call", "one-cell"):
+        [report] = reports(cell_by_id(second, cell_id))
+        assert " 0 from the provider" in report["text/plain"], (cell_id, report)
+
+
+def test_quickstart_is_committed_without_outputs():
+    """The notebook in the repository carries no outputs or execution counts."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(notebook)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+
+    assert code and all(cell.outputs == [] and cell.execution_count is None for cell in code)

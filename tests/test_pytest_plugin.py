@@ -1,0 +1,474 @@
+"""The pytest plugin, driven as users drive it: small example suites run by pytester.
+
+The example suites call the real anthropic and openai SDKs against the loopback
+simulated provider (its URL reaches them through an environment variable), and
+each test here counts what reached the provider.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+# anthropic, openai, httpcore, httpcore2 and the metrion transports and stores are imported here,
+# before any test runs, on purpose: pytester drops every module first imported while a Pytester
+# is alive (in its in-process runs) when that test ends; re-importing them in every run is slow,
+# and the fresh copies (new exception and transport classes) confuse this process's other tests.
+import anthropic  # noqa: F401
+import httpcore  # noqa: F401
+import httpcore2  # noqa: F401
+import openai  # noqa: F401
+import pytest
+
+import metrion_fixture.stores.redis
+import metrion_fixture.stores.sqlite
+import metrion_fixture.transports.httpx
+import metrion_fixture.transports.httpx2  # noqa: F401
+from metrion_fixture import cache_key
+from metrion_fixture.stores import open_store
+
+pytest_plugins = ["pytester"]
+
+PROVIDER_ENV = "METRION_TEST_PROVIDER_URL"
+# Plugins the example runs do not need; hypothesis' would re-import hypothesis on every in-process run.
+QUIET = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest")
+
+LLM_HELPERS = '''
+import os
+
+import anthropic
+import openai
+
+URL = os.environ["METRION_TEST_PROVIDER_URL"]
+
+
+def ask_anthropic(question, stream=False):
+    client = anthropic.Anthropic(base_url=URL, api_key="sk-ant-test", max_retries=0)
+    messages = [{"role": "user", "content": question}]
+    if stream:
+        with client.messages.stream(model="claude-test", max_tokens=100, messages=messages) as events:
+            return "".join(events.text_stream)
+    return client.messages.create(model="claude-test", max_tokens=100, messages=messages).content[0].text
+
+
+def ask_openai(question, stream=False):
+    client = openai.OpenAI(base_url=URL + "/v1", api_key="sk-openai-test", max_retries=0)
+    messages = [{"role": "user", "content": question}]
+    if stream:
+        chunks = client.chat.completions.create(model="gpt-test", messages=messages, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return client.chat.completions.create(model="gpt-test", messages=messages).choices[0].message.content
+
+
+async def aask_anthropic(question, stream=False):
+    async with anthropic.AsyncAnthropic(base_url=URL, api_key="sk-ant-test", max_retries=0) as client:
+        messages = [{"role": "user", "content": question}]
+        if stream:
+            async with client.messages.stream(model="claude-test", max_tokens=100, messages=messages) as events:
+                return "".join([piece async for piece in events.text_stream])
+        message = await client.messages.create(model="claude-test", max_tokens=100, messages=messages)
+        return message.content[0].text
+
+
+async def aask_openai(question, stream=False):
+    async with openai.AsyncOpenAI(base_url=URL + "/v1", api_key="sk-openai-test", max_retries=0) as client:
+        messages = [{"role": "user", "content": question}]
+        if stream:
+            chunks = await client.chat.completions.create(model="gpt-test", messages=messages, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+        completion = await client.chat.completions.create(model="gpt-test", messages=messages)
+        return completion.choices[0].message.content
+'''
+
+# Four tests, both SDKs, streamed and not, through the fixture and through the marker.
+SUITE = '''
+import pytest
+
+from llm import ask_anthropic, ask_openai
+
+
+def test_anthropic(metrion_cache):
+    assert "delivery" in ask_anthropic("What are your delivery times?")
+    assert len(metrion_cache.calls) == 1  # the fixture returns this test's own session
+
+
+def test_anthropic_stream(metrion_cache):
+    assert "return" in ask_anthropic("Can I return an item?", stream=True)
+
+
+@pytest.mark.metrion_cache
+def test_openai():
+    assert "abroad" in ask_openai("Do you ship abroad?")
+
+
+@pytest.mark.metrion_cache
+def test_openai_stream():
+    assert "payment" in ask_openai("Which payment methods do you take?", stream=True)
+'''
+
+NEW_TEST = '''
+
+def test_new_question(metrion_cache):
+    assert ask_openai("A question nobody recorded")
+'''
+
+INI = """
+[pytest]
+asyncio_mode = auto
+asyncio_default_fixture_loop_scope = function
+"""
+
+
+@pytest.fixture
+def suite(pytester: pytest.Pytester, provider, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    """A project whose tests call the SDKs against the loopback provider; no cache settings in the environment."""
+    monkeypatch.setenv(PROVIDER_ENV, provider.url)
+    for name in ("METRION_CACHE_URL", "METRION_CACHE_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makeini(INI)
+    pytester.makepyfile(llm=LLM_HELPERS)
+    return pytester
+
+
+@pytest.fixture
+def redis_namespace(redis_url: str) -> Iterator[str]:
+    namespace = f"plugin-{uuid.uuid4().hex[:12]}"
+    yield namespace
+    open_store(redis_url).delete_prefix(f"{namespace}:")
+
+
+def run(pytester: pytest.Pytester, provider, *args: str) -> tuple[pytest.RunResult, int]:
+    """One in-process pytest run of the example project; returns it and how many LLM calls reached the provider."""
+    provider.reset()
+    result = pytester.runpytest_inprocess(*QUIET, *args)
+    return result, provider.call_count
+
+
+def summary(result: pytest.RunResult) -> str:
+    lines = [line for line in result.outlines if " used the cache: " in line]
+    assert len(lines) == 1, result.stdout.str()
+    return lines[0]
+
+
+def test_second_run_calls_the_provider_zero_times(suite, provider):
+    """Run 1 fills the embedded store under the rootdir; run 2 is answered by it and passes."""
+    suite.makepyfile(test_llm=SUITE)
+
+    first, calls = run(suite, provider)
+    first.assert_outcomes(passed=4)
+    assert calls == 4
+    assert "4 requests: 0 hits, 4 misses" in summary(first)
+    assert (suite.path / ".metrion_cache" / "cache.sqlite3").exists()
+
+    second, calls = run(suite, provider, "-v")
+    second.assert_outcomes(passed=4)
+    assert calls == 0
+    line = summary(second)
+    assert "4 tests used the cache: 4 requests: 4 hits, 0 misses, 0 refreshes, 0 errors" in line
+    assert re.search(r"provider time saved \d+\.\d\d s", line)
+    assert "called the provider" not in second.stdout.str()  # -v lists misses, and there were none
+
+
+def test_replay_passes_when_cached_and_fails_exactly_the_uncached_test(suite, provider):
+    """--metrion-cache=replay: no provider call; the one uncached test fails, naming the test, model, key and the fix."""
+    url = f"memory://{uuid.uuid4().hex}"
+    suite.makepyfile(test_llm=SUITE)
+    run(suite, provider, f"--metrion-cache-url={url}")
+
+    cached, calls = run(suite, provider, f"--metrion-cache-url={url}", "--metrion-cache=replay")
+    cached.assert_outcomes(passed=4)
+    assert calls == 0
+
+    suite.makepyfile(test_llm=SUITE + NEW_TEST)
+    replay, calls = run(suite, provider, f"--metrion-cache-url={url}", "--metrion-cache=replay")
+    replay.assert_outcomes(passed=4, failed=1)
+    assert calls == 0
+    assert [line.split()[1] for line in replay.outlines if line.startswith("FAILED ")] == [
+        "test_llm.py::test_new_question"
+    ]
+    key = cache_key("gpt-test", [{"role": "user", "content": "A question nobody recorded"}])
+    output = replay.stdout.str()
+    assert "metrion cache: replay miss" in output
+    assert "test_llm.py::test_new_question asked for 1 answer that is not in the cache" in output
+    assert f"model 'gpt-test'  key {key}" in output
+    assert f"pytest --metrion-cache=true --metrion-cache-url={url} test_llm.py::test_new_question" in output
+    assert "4 hits, 0 misses, 0 refreshes, 1 error" in summary(replay)
+    assert "replay: 1 request could not be answered (1 not cached" in output
+
+
+def test_refresh_calls_the_provider_again(suite, provider):
+    """--metrion-cache=refresh sends every request and replaces the entries."""
+    url = f"memory://{uuid.uuid4().hex}"
+    suite.makepyfile(test_llm=SUITE)
+    run(suite, provider, f"--metrion-cache-url={url}")
+
+    refresh, calls = run(suite, provider, f"--metrion-cache-url={url}", "--metrion-cache=refresh")
+    refresh.assert_outcomes(passed=4)
+    assert calls == 4
+    assert "0 hits, 0 misses, 4 refreshes" in summary(refresh)
+
+
+MARKED = '''
+import pytest
+
+from llm import ask_anthropic, ask_openai
+
+pytestmark = pytest.mark.metrion_cache(namespace="from-module")
+
+
+def test_module_marker_and_command_line(metrion_cache, request):
+    assert metrion_cache.mode == request.config.getoption("metrion_cache_mode")
+    assert metrion_cache.settings.namespace == "from-module"
+    assert metrion_cache.settings.ttl == 7200
+    assert ask_anthropic("What are your delivery times?")
+
+
+@pytest.mark.metrion_cache(mode="refresh", ttl="1h")
+class TestMarkedClass:
+    def test_class_marker(self, metrion_cache):
+        assert (metrion_cache.mode, metrion_cache.settings.ttl) == ("refresh", 3600)
+        assert ask_openai("Refreshed by the class marker")
+
+    @pytest.mark.metrion_cache(mode="true", namespace="from-function")
+    def test_closest_marker_wins(self, metrion_cache):
+        assert (metrion_cache.mode, metrion_cache.settings.namespace) == ("true", "from-function")
+        assert metrion_cache.settings.ttl == 3600
+        assert ask_openai("Cached by the function marker")
+'''
+
+
+def test_marker_settings_override_the_command_line(suite, provider):
+    """Marker > command line, closest marker first (function, class, module); works under --strict-markers."""
+    url = f"memory://{uuid.uuid4().hex}"
+    suite.makepyfile(test_marked=MARKED)
+    options = ("--strict-markers", f"--metrion-cache-url={url}", "--metrion-cache-ttl=7200")
+
+    fill, _ = run(suite, provider, *options, "--metrion-cache=true")
+    fill.assert_outcomes(passed=3)
+
+    locked, calls = run(suite, provider, *options, "--metrion-cache=replay")
+    locked.assert_outcomes(passed=3)
+    assert calls == 1  # only the class marker's refresh reached the provider
+    assert "2 hits, 0 misses, 1 refresh" in summary(locked)
+
+
+MARKED_REPLAY = '''
+import pytest
+
+from llm import ask_anthropic
+
+
+@pytest.mark.metrion_cache(mode="replay")
+def test_locked_by_its_marker():
+    ask_anthropic("Never recorded, and locked by the marker")
+'''
+
+
+def test_replay_miss_under_a_replay_marker_says_to_change_the_marker(suite, provider):
+    """When the marker set replay, the command line cannot record it: the message says to change the marker."""
+    suite.makepyfile(test_locked=MARKED_REPLAY)
+    result, calls = run(suite, provider, f"--metrion-cache-url=memory://{uuid.uuid4().hex}")
+    result.assert_outcomes(failed=1)
+    assert calls == 0
+    output = result.stdout.str()
+    assert "test_locked.py::test_locked_by_its_marker asked for 1 answer that is not in the cache" in output
+    assert "Its metrion_cache marker sets mode='replay': set it to 'true'" in output
+
+
+BAD_MARKERS = '''
+import pytest
+
+
+@pytest.mark.metrion_cache(mode="sometimes")
+def test_bad_mode(metrion_cache):
+    pass
+
+
+@pytest.mark.metrion_cache(ttl_seconds=60)
+def test_unknown_argument():
+    pass
+'''
+
+
+def test_bad_marker_settings_error_the_test_clearly(suite, provider):
+    """A marker with a bad value or an unknown argument errors its own test, naming the marker, not the run."""
+    suite.makepyfile(test_bad=BAD_MARKERS)
+    result, _ = run(suite, provider, f"--metrion-cache-url=memory://{uuid.uuid4().hex}")
+    result.assert_outcomes(errors=2)
+    output = result.stdout.str()
+    assert "metrion cache: @pytest.mark.metrion_cache(mode=...): unknown cache mode 'sometimes'" in output
+    assert "metrion cache: unknown metrion_cache marker argument(s) ttl_seconds; use mode, ttl, namespace, url" in output
+
+
+SETTINGS = '''
+import os
+
+
+def test_settings(metrion_cache):
+    expected = os.environ["EXPECTED"].split()
+    assert [metrion_cache.url, metrion_cache.mode, metrion_cache.settings.namespace] == expected
+'''
+
+
+def test_ini_beats_environment_and_command_line_beats_ini(suite, provider, monkeypatch):
+    """The documented order: command line > ini > environment > defaults."""
+    suite.makepyfile(test_settings=SETTINGS)
+    monkeypatch.setenv("METRION_CACHE_URL", "memory://from-env")
+    monkeypatch.setenv("METRION_CACHE_MODE", "replay")
+
+    monkeypatch.setenv("EXPECTED", "memory://from-env replay metrion")
+    run(suite, provider)[0].assert_outcomes(passed=1)
+
+    suite.makeini(INI + "metrion_cache_url = memory://from-ini\nmetrion_cache_mode = refresh\n"
+                  "metrion_cache_namespace = from-ini\n")
+    monkeypatch.setenv("EXPECTED", "memory://from-ini refresh from-ini")
+    run(suite, provider)[0].assert_outcomes(passed=1)
+
+    monkeypatch.setenv("EXPECTED", "memory://from-cli off from-cli")
+    cli = ("--metrion-cache-url=memory://from-cli", "--metrion-cache=off", "--metrion-cache-namespace=from-cli")
+    result, _ = run(suite, provider, *cli)
+    result.assert_outcomes(passed=1)
+    assert "metrion cache: mode=off (command line), url=memory://from-cli (command line)" in result.stdout.str()
+
+    bad, _ = run(suite, provider, "--metrion-cache=yes")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    assert "metrion cache: --metrion-cache: unknown cache mode 'yes'" in bad.stderr.str()
+
+
+PLAIN = '''
+import os
+
+from metrion_fixture.transports import patching
+
+from llm import ask_openai
+
+
+def test_plain():
+    assert patching.installed() == (os.environ["EXPECT_CACHE"] == "on")
+    assert ask_openai("A test that never asked for the cache")
+'''
+
+
+def test_nothing_is_patched_unless_asked_and_cache_all_turns_it_on(suite, provider, monkeypatch):
+    """A test without the fixture or marker is untouched; --metrion-cache-all caches it."""
+    url = f"memory://{uuid.uuid4().hex}"
+    suite.makepyfile(test_plain=PLAIN)
+    monkeypatch.setenv("EXPECT_CACHE", "off")
+    plain, calls = run(suite, provider, f"--metrion-cache-url={url}")
+    plain.assert_outcomes(passed=1)
+    assert calls == 1 and "used the cache" not in plain.stdout.str()
+
+    monkeypatch.setenv("EXPECT_CACHE", "on")
+    for expected_calls in (1, 0):
+        result, calls = run(suite, provider, f"--metrion-cache-url={url}", "--metrion-cache-all")
+        result.assert_outcomes(passed=1)
+        assert calls == expected_calls
+
+
+ASYNC_SUITE = '''
+import asyncio
+
+import pytest
+
+from llm import aask_anthropic, aask_openai
+
+LOOPS = []
+
+
+async def test_asyncio_anthropic_stream(metrion_cache):
+    LOOPS.append(asyncio.get_running_loop())
+    assert "delivery" in await aask_anthropic("What are your delivery times?", stream=True)
+
+
+async def test_asyncio_openai(metrion_cache):
+    LOOPS.append(asyncio.get_running_loop())
+    assert await aask_openai("Asked from asyncio")
+
+
+@pytest.mark.anyio
+async def test_anyio_openai_stream(metrion_cache):
+    assert await aask_openai("Asked from anyio", stream=True)
+
+
+@pytest.mark.anyio
+@pytest.mark.metrion_cache
+async def test_anyio_anthropic():
+    assert await aask_anthropic("Asked from anyio too")
+
+
+def test_asyncio_tests_ran_on_their_own_loops():
+    assert len(LOOPS) == 2 and LOOPS[0] is not LOOPS[1]
+'''
+
+
+def test_async_tests_on_their_own_loops(suite, provider, redis_url, redis_namespace):
+    """pytest-asyncio and anyio tests, each on its own loop, share one Redis store: run 2 makes no call."""
+    suite.makepyfile(test_async=ASYNC_SUITE)
+    options = (f"--metrion-cache-url={redis_url}", f"--metrion-cache-namespace={redis_namespace}")
+
+    first, calls = run(suite, provider, *options)
+    first.assert_outcomes(passed=5)
+    assert calls == 4
+
+    second, calls = run(suite, provider, *options)
+    second.assert_outcomes(passed=5)
+    assert calls == 0
+    assert "4 hits, 0 misses" in summary(second)
+
+
+def test_xdist_totals_add_up_across_workers(suite, provider, redis_url, redis_namespace):
+    """Under pytest-xdist -n 2 the summary is the sum of both workers' sessions."""
+    suite.makepyfile(test_llm=SUITE)
+    options = (f"--metrion-cache-url={redis_url}", f"--metrion-cache-namespace={redis_namespace}")
+    run(suite, provider, *options, "-k", "test_anthropic")  # caches the two Anthropic tests
+
+    provider.reset()
+    result = suite.runpytest_subprocess(*QUIET, "-n", "2", "-v", *options)
+    result.assert_outcomes(passed=4)
+    assert provider.call_count == 2
+    assert "4 tests used the cache: 4 requests: 2 hits, 2 misses, 0 refreshes, 0 errors" in summary(result)
+    listed = [line.split()[0] for line in result.outlines if line.startswith("  test_llm.py::")]
+    assert sorted(listed) == ["test_llm.py::test_openai", "test_llm.py::test_openai_stream"]
+
+
+def test_redis_down_true_mode_passes_and_says_so(suite, provider):
+    """An unreachable Redis is no cache: the tests pass on the provider, and the summary says why."""
+    suite.makepyfile(test_llm=SUITE)
+    result, calls = run(suite, provider, "--metrion-cache-url=redis://127.0.0.1:1")
+    result.assert_outcomes(passed=4)
+    assert calls == 4
+    assert "the cache store was unreachable (redis://127.0.0.1:1" in result.stdout.str()
+    assert "4 requests went to the provider without it" in result.stdout.str()
+
+
+def test_redis_down_replay_fails_the_tests_clearly(suite, provider):
+    """In replay mode an unreachable store fails the tests that needed it, saying the store could not be read."""
+    suite.makepyfile(test_llm=SUITE)
+    result, calls = run(suite, provider, "--metrion-cache-url=redis://127.0.0.1:1", "--metrion-cache=replay")
+    result.assert_outcomes(failed=4)
+    assert calls == 0
+    output = result.stdout.str()
+    assert "test_llm.py::test_openai: the cache store redis://127.0.0.1:1 could not be read" in output
+    assert "replay: 4 requests could not be answered (0 not cached, 4 with the store unreachable)" in output
+
+
+STARTUP_PROBE = '''
+import sys
+
+
+def pytest_sessionfinish(session):
+    loaded = sorted(name for name in ("httpx", "httpx2", "redis", "anthropic", "openai") if name in sys.modules)
+    print("LOADED:", ",".join(loaded) or "none")
+'''
+
+
+def test_pytest_start_up_imports_no_http_or_redis_client(pytester, monkeypatch):
+    """The plugin is loaded in every pytest run: with no test using it, it imports neither httpx nor redis."""
+    monkeypatch.setenv("METRION_CACHE_URL", "redis://127.0.0.1:6379/0")
+    pytester.makeconftest(STARTUP_PROBE)
+    pytester.makepyfile(test_plain="def test_plain():\n    assert True\n")
+    result = pytester.runpytest_subprocess(*QUIET, "-s")
+    result.assert_outcomes(passed=1)
+    assert "metrion-fixture" in result.stdout.str()  # the entry point did load the plugin
+    assert "LOADED: none" in result.stdout.str()
