@@ -47,9 +47,7 @@ def find_cassettes(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found.extend(
-                sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CASSETTE_SUFFIXES)
-            )
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in CASSETTE_SUFFIXES))
         else:
             found.append(path)
     return found
@@ -63,7 +61,7 @@ def load_interactions(path: Path) -> list[tuple[Any, dict[str, Any]]]:
     serializer = jsonserializer if path.suffix.lower() == ".json" else yamlserializer
     loaded = FilesystemPersister.load_cassette(path, serializer)
     requests, responses = loaded[0], loaded[1]
-    return list(zip(requests, responses))
+    return list(zip(requests, responses, strict=True))
 
 
 def import_cassettes(

@@ -20,8 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
         "import-cassettes",
         help="load vcrpy / pytest-recording cassettes (YAML or JSON) into the cache, keyed like live traffic",
     )
-    imports.add_argument("paths", nargs="+", metavar="PATH", help="cassette files, or folders to search for *.yaml, *.yml, *.json")
-    imports.add_argument("--url", help="cache store URL (default: METRION_CACHE_URL, else .metrion_cache/cache.sqlite3)")
+    imports.add_argument(
+        "paths", nargs="+", metavar="PATH", help="cassette files, or folders to search for *.yaml, *.yml, *.json"
+    )
+    imports.add_argument(
+        "--url", help="cache store URL (default: METRION_CACHE_URL, else .metrion_cache/cache.sqlite3)"
+    )
     imports.add_argument("--namespace", help="cache namespace (default: metrion)")
     imports.add_argument("--ttl", help="how long the entries live: seconds or a duration like 12h, 30d (default 7d)")
     return parser
@@ -41,7 +45,10 @@ def import_cassettes_command(args: argparse.Namespace) -> int:
     for cassette, why in report.unreadable:
         print(f"could not read {cassette}: {why}", file=sys.stderr)
     if report.store_failures:
-        print(f"{report.store_failures} answers could not be written to {report.url}: is the store running?", file=sys.stderr)
+        print(
+            f"{report.store_failures} answers could not be written to {report.url}: is the store running?",
+            file=sys.stderr,
+        )
     print(
         f"imported {report.imported} answers from {len(report.cassettes)} cassettes into {report.url} "
         f"(namespace {report.namespace}); skipped {len(report.skipped)}"
@@ -57,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             try:
-                from .demo.faq_bot import run_demo
                 import anthropic  # noqa: F401
+
+                from .demo.faq_bot import run_demo
             except ImportError:
-                print("metrion-cache demo needs the anthropic SDK: pip install 'metrion-fixture[demo]'", file=sys.stderr)
+                print(
+                    "metrion-cache demo needs the anthropic SDK: pip install 'metrion-fixture[demo]'", file=sys.stderr
+                )
                 return 2
             run_demo(args.url, latency=args.latency)
         elif args.command == "import-cassettes":

@@ -17,8 +17,6 @@ plain text in a terminal.
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
 import html
 import re
 from contextlib import AbstractContextManager
@@ -166,13 +164,6 @@ def _open_block(session: CacheSession) -> AbstractContextManager[CacheSession]:
     block = api.cache(session=session)
     block.__enter__()
     return block
-
-
-def _refresh_copy(session: CacheSession) -> CacheSession:
-    """``session`` in refresh mode: the same store, settings and counters."""
-    refreshing = copy.copy(session)
-    refreshing.settings = dataclasses.replace(session.settings, mode="refresh")
-    return refreshing
 
 
 # -- the magics ----------------------------------------------------------------------------------------
@@ -415,7 +406,7 @@ class MetrionCacheMagics(Magics):
         return self._cells[-1] if self._cells else None
 
     def _start_refresh(self, cell: _Cell, session: CacheSession) -> None:
-        refreshing = _refresh_copy(session)
+        refreshing = session.with_mode("refresh")
         cell.refresh_block = (refreshing, _open_block(refreshing))
 
     def _end_refresh(self, cell: _Cell) -> None:
@@ -441,8 +432,7 @@ class MetrionCacheMagics(Magics):
     def _describe(session: CacheSession) -> str:
         settings = session.settings
         return (
-            f"store {session.url}, namespace {settings.namespace}, mode {settings.mode}, "
-            f"ttl {format_ttl(settings.ttl)}"
+            f"store {session.url}, namespace {settings.namespace}, mode {settings.mode}, ttl {format_ttl(settings.ttl)}"
         )
 
     def unload(self) -> None:
@@ -521,4 +511,3 @@ def unload_ipython_extension(ipython: Any) -> None:
     while rewrite_cell_magic in ipython.input_transformers_cleanup:
         ipython.input_transformers_cleanup.remove(rewrite_cell_magic)
     api.disable()
-

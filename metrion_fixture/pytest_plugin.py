@@ -77,8 +77,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="metrion_cache_ttl",
         metavar="TTL",
         default=None,
-        help="how long new entries live: seconds or a duration like 90m, 12h, 7d (default 7d). "
-        "ini: metrion_cache_ttl",
+        help="how long new entries live: seconds or a duration like 90m, 12h, 7d (default 7d). ini: metrion_cache_ttl",
     )
     group.addoption(
         "--metrion-cache-namespace",
@@ -98,7 +97,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("metrion_cache_url", "cache store URL (see --metrion-cache-url)", default="")
     parser.addini("metrion_cache_ttl", "TTL of new entries, e.g. 3600 or 7d (see --metrion-cache-ttl)", default="")
     parser.addini("metrion_cache_namespace", "cache namespace (see --metrion-cache-namespace)", default="")
-    parser.addini("metrion_cache_all", "use the cache in every test (see --metrion-cache-all)", type="bool", default=False)
+    parser.addini(
+        "metrion_cache_all", "use the cache in every test (see --metrion-cache-all)", type="bool", default=False
+    )
 
 
 def _setting(config: pytest.Config, name: str, env: str | None, default: Any) -> Setting:
@@ -164,7 +165,10 @@ class _State:
         merged = dict(self.base)
         for mark in reversed(list(item.iter_markers(MARKER))):
             if len(mark.args) > 1:
-                pytest.fail(f"metrion cache: @pytest.mark.{MARKER} takes at most one positional argument (the mode)", pytrace=False)
+                pytest.fail(
+                    f"metrion cache: @pytest.mark.{MARKER} takes at most one positional argument (the mode)",
+                    pytrace=False,
+                )
             unknown = sorted(set(mark.kwargs) - set(MARKER_KEYS))
             if unknown:
                 pytest.fail(
@@ -322,7 +326,7 @@ def metrion_cache(request: pytest.FixtureRequest) -> Iterator[CacheSession]:
 
 @pytest.fixture(autouse=True)
 def _metrion_cache_autouse(request: pytest.FixtureRequest) -> None:
-    """Start the cache first (before the test's other fixtures) where the marker, the fixture or --metrion-cache-all asks."""
+    """Start the cache before the test's other fixtures, where the marker, fixture or --metrion-cache-all asks."""
     state = request.config.stash.get(_STATE, None)
     if state is None:
         return

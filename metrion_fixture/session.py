@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import threading
 
+from .core.directives import check_session_mode
 from .core.engine import Settings
 from .core.stats import DEFAULT_MAX_RECORDS, CallRecord, Ledger, Stats
 from .stores import default_store_url, open_store
@@ -56,6 +59,12 @@ class CacheSession:
     def calls(self) -> list[CallRecord]:
         """The most recent requests, oldest first (bounded by ``max_records``)."""
         return list(self.ledger.calls)
+
+    def with_mode(self, mode: str) -> CacheSession:
+        """This session in another mode: the same store, namespace, TTL, stats and records."""
+        other = copy.copy(self)
+        other.settings = dataclasses.replace(self.settings, mode=check_session_mode(mode))
+        return other
 
     def clear(self) -> int:
         """Delete this namespace's entries from the store; return how many."""

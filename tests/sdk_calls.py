@@ -65,7 +65,9 @@ def _openai_args(messages: Any, extra_headers: dict[str, str] | None, **params: 
     }
 
 
-def _anthropic(base_url: str, *, stream: bool, messages: Any = None, extra_headers=None, client=None, **params) -> Answer:
+def _anthropic(
+    base_url: str, *, stream: bool, messages: Any = None, extra_headers=None, client=None, **params
+) -> Answer:
     client = client or anthropic.Anthropic(base_url=base_url, api_key="sk-ant-secret-test-key", max_retries=0)
     args = _anthropic_args(messages, extra_headers, **params)
     if stream:
@@ -78,7 +80,9 @@ def _anthropic(base_url: str, *, stream: bool, messages: Any = None, extra_heade
     return Answer("".join(block.text for block in message.content), dict(raw.headers), message.usage)
 
 
-async def _anthropic_async(base_url: str, *, stream: bool, messages: Any = None, extra_headers=None, client=None, **params) -> Answer:
+async def _anthropic_async(
+    base_url: str, *, stream: bool, messages: Any = None, extra_headers=None, client=None, **params
+) -> Answer:
     client = client or anthropic.AsyncAnthropic(base_url=base_url, api_key="sk-ant-secret-test-key", max_retries=0)
     args = _anthropic_args(messages, extra_headers, **params)
     if stream:
@@ -109,7 +113,9 @@ def _openai(base_url: str, *, stream: bool, messages: Any = None, extra_headers=
     return Answer(completion.choices[0].message.content or "", dict(raw.headers), completion.usage)
 
 
-async def _openai_async(base_url: str, *, stream: bool, messages: Any = None, extra_headers=None, client=None, **params) -> Answer:
+async def _openai_async(
+    base_url: str, *, stream: bool, messages: Any = None, extra_headers=None, client=None, **params
+) -> Answer:
     client = client or openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="sk-openai-secret-test-key", max_retries=0)
     args = _openai_args(messages, extra_headers, **params)
     if stream:

@@ -44,7 +44,8 @@ QUESTIONS = {
     "raw_httpx": "Asked with a hand-written httpx request",
 }
 
-REPLAY_SUITE = '''
+REPLAY_SUITE = (
+    """
 import asyncio
 import os
 
@@ -88,7 +89,9 @@ async def test_openai_async_stream(metrion_cache):
 def test_raw_httpx_recording(metrion_cache):
     completion = OPENAI.chat.completions.create(model="gpt-test", messages=user("%(raw_httpx)s"))
     assert "hand-written" in completion.choices[0].message.content
-''' % QUESTIONS
+"""
+    % QUESTIONS
+)
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -159,7 +162,10 @@ def test_imported_cassette_replays_with_no_provider_call(serializer, pytester, p
     pytester.makepyfile(test_llm=REPLAY_SUITE)
     provider.reset()
     result = pytester.runpytest_inprocess(
-        "-p", "no:hypothesispytest", "--metrion-cache=replay", f"--metrion-cache-url={store}",
+        "-p",
+        "no:hypothesispytest",
+        "--metrion-cache=replay",
+        f"--metrion-cache-url={store}",
         "--metrion-cache-namespace=imported",
     )
     result.assert_outcomes(passed=5)

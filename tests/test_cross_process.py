@@ -51,9 +51,7 @@ def run_child(url: str, namespace: str, base_url: str) -> dict:
 
 
 @pytest.fixture(params=["sqlite", "redis"])
-def shared_url(
-    request: pytest.FixtureRequest, tmp_path: Path, namespace: str
-) -> Iterator[str]:
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path, namespace: str) -> Iterator[str]:
     """A store URL two processes can both open."""
     url = (
         f"sqlite:///{tmp_path / 'shared.sqlite3'}"

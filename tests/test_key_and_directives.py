@@ -120,7 +120,14 @@ def test_key_is_stable_under_dict_key_order(model, messages, rnd):
 
 @pytest.mark.parametrize(
     "raw, expected",
-    [(None, None), ("true", "true"), ("TRUE", "true"), (" refresh ", "refresh"), ("False", "false"), ("\ttrue\t", "true")],
+    [
+        (None, None),
+        ("true", "true"),
+        ("TRUE", "true"),
+        (" refresh ", "refresh"),
+        ("False", "false"),
+        ("\ttrue\t", "true"),
+    ],
 )
 def test_header_mode_is_case_and_space_tolerant(raw, expected):
     """x-metrion-cache accepts true/refresh/false in any case with surrounding spaces; absent is None."""
@@ -155,7 +162,9 @@ def test_max_age_parsing(raw, expected):
     assert parse_max_age(raw) == expected
 
 
-@pytest.mark.parametrize("raw", ["max-age=abc", "max-age=-1", "max-age=", "max-age=1.5", "max-age=1e3", "max-age=²", "max-age=٣"])
+@pytest.mark.parametrize(
+    "raw", ["max-age=abc", "max-age=-1", "max-age=", "max-age=1.5", "max-age=1e3", "max-age=²", "max-age=٣"]
+)
 def test_malformed_max_age_is_a_directive_error(raw):
     """A max-age that is not a whole ASCII number of seconds is rejected."""
     with pytest.raises(DirectiveError, match=r"^metrion cache: invalid Cache-Control max-age"):
@@ -170,8 +179,18 @@ def test_ttl_constants():
 
 @pytest.mark.parametrize(
     "ttl, seconds",
-    [(1, 1), (3600, 3600), (60.0, 60), ("3600", 3600), ("90m", 5400), ("12h", 43200), (" 7d ", 604800), ("45s", 45),
-     (10**12, MAX_TTL_SECONDS), ("400d", MAX_TTL_SECONDS)],
+    [
+        (1, 1),
+        (3600, 3600),
+        (60.0, 60),
+        ("3600", 3600),
+        ("90m", 5400),
+        ("12h", 43200),
+        (" 7d ", 604800),
+        ("45s", 45),
+        (10**12, MAX_TTL_SECONDS),
+        ("400d", MAX_TTL_SECONDS),
+    ],
 )
 def test_ttl_option_accepts_seconds_and_durations(ttl, seconds):
     """The ttl option takes seconds or '90m'/'12h'/'7d' durations, capped at 365 days."""
@@ -185,7 +204,9 @@ def test_bad_ttl_option_raises(ttl):
         check_ttl(ttl)
 
 
-@pytest.mark.parametrize("mode, expected", [("true", "true"), ("REFRESH", "refresh"), (" off ", "off"), ("replay", "replay")])
+@pytest.mark.parametrize(
+    "mode, expected", [("true", "true"), ("REFRESH", "refresh"), (" off ", "off"), ("replay", "replay")]
+)
 def test_session_modes(mode, expected):
     """Session modes are true/refresh/off/replay, case and space tolerant."""
     assert check_session_mode(mode) == expected
@@ -273,8 +294,19 @@ def _recrc(body: bytes) -> bytes:
         lambda v: _recrc(MAGIC + struct.pack(">I", 2) + b"[]"),  # metadata not an object
         lambda v: _recrc(MAGIC + struct.pack(">I", 8) + b'{"v": 9}'),  # unknown version
     ],
-    ids=["cut-1", "half", "magic", "bitflip", "empty", "magic-only", "short-chunk", "stray-bytes", "extra-chunk",
-         "meta-list", "version"],
+    ids=[
+        "cut-1",
+        "half",
+        "magic",
+        "bitflip",
+        "empty",
+        "magic-only",
+        "short-chunk",
+        "stray-bytes",
+        "extra-chunk",
+        "meta-list",
+        "version",
+    ],
 )
 def test_damaged_entries_are_detected_and_read_as_a_miss(damage):
     """A damaged stored value raises CorruptEntry and is a miss (None), never an exception for the request."""

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from IPython.core.displaypub import CapturingDisplayPublisher
 from IPython.core.interactiveshell import InteractiveShell
+from sdk_calls import SDKS, acall, call
 from traitlets.config import Config
 
 import metrion_fixture
 from metrion_fixture.session import active_session, enabled_session
 from metrion_fixture.transports import patching
-from sdk_calls import SDKS, acall, call
 
 QUESTION = [{"role": "user", "content": "What are your delivery times?"}]
 OTHER_QUESTION = [{"role": "user", "content": "Do you ship to Norway?"}]
@@ -234,7 +234,9 @@ def test_cell_magic_caches_only_that_cell_then_restores_the_session(ip, provider
     """`%%metrion_cache` caches its cell on its own options; the session active before comes back."""
     run(ip, "%metrion_cache on --url $STORE --namespace $NS")
     outer = enabled_session()
-    cell = "%%metrion_cache --url memory://cell-magic-test --namespace $NS-cell --ttl 1h\nanswer = call('anthropic', URL)"
+    cell = (
+        "%%metrion_cache --url memory://cell-magic-test --namespace $NS-cell --ttl 1h\nanswer = call('anthropic', URL)"
+    )
 
     run(ip, cell)
     first = ip.user_ns["answer"]
@@ -375,7 +377,14 @@ def test_help_shows_the_options(ip, capsys):
     run(ip, "%metrion_cache?")
     out = capsys.readouterr().out
 
-    for expected in ("on,off,refresh,status,clear", "--url URL", "--ttl SECONDS", "--mode MODE", "--namespace NS", "%%metrion_cache"):
+    for expected in (
+        "on,off,refresh,status,clear",
+        "--url URL",
+        "--ttl SECONDS",
+        "--mode MODE",
+        "--namespace NS",
+        "%%metrion_cache",
+    ):
         assert expected in out
 
 

@@ -39,9 +39,7 @@ def kernel_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, provider) -> Pat
 def execute(workdir: Path, provider) -> tuple[nbformat.NotebookNode, dict[str, int]]:
     """Run every cell in a new kernel; return the executed notebook and each cell's provider calls."""
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(
-        notebook, kernel_name="python3", timeout=60, resources={"metadata": {"path": str(workdir)}}
-    )
+    client = NotebookClient(notebook, kernel_name="python3", timeout=60, resources={"metadata": {"path": str(workdir)}})
     calls: dict[str, int] = {}
     with client.setup_kernel():
         for index, cell in enumerate(notebook.cells):
@@ -55,8 +53,7 @@ def reports(cell: nbformat.NotebookNode) -> list[dict[str, str]]:
     return [
         output["data"]
         for output in cell.get("outputs", [])
-        if output["output_type"] == "display_data"
-        and output["data"].get("text/plain", "").startswith("metrion cache:")
+        if output["output_type"] == "display_data" and output["data"].get("text/plain", "").startswith("metrion cache:")
     ]
 
 

@@ -34,7 +34,7 @@ PROVIDER_ENV = "METRION_TEST_PROVIDER_URL"
 # Plugins the example runs do not need; hypothesis' would re-import hypothesis on every in-process run.
 QUIET = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest")
 
-LLM_HELPERS = '''
+LLM_HELPERS = """
 import os
 
 import anthropic
@@ -79,10 +79,10 @@ async def aask_openai(question, stream=False):
             return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
         completion = await client.chat.completions.create(model="gpt-test", messages=messages)
         return completion.choices[0].message.content
-'''
+"""
 
 # Four tests, both SDKs, streamed and not, through the fixture and through the marker.
-SUITE = '''
+SUITE = """
 import pytest
 
 from llm import ask_anthropic, ask_openai
@@ -105,13 +105,13 @@ def test_openai():
 @pytest.mark.metrion_cache
 def test_openai_stream():
     assert "payment" in ask_openai("Which payment methods do you take?", stream=True)
-'''
+"""
 
-NEW_TEST = '''
+NEW_TEST = """
 
 def test_new_question(metrion_cache):
     assert ask_openai("A question nobody recorded")
-'''
+"""
 
 INI = """
 [pytest]
@@ -209,7 +209,7 @@ def test_refresh_calls_the_provider_again(suite, provider):
     assert "0 hits, 0 misses, 4 refreshes" in summary(refresh)
 
 
-MARKED = '''
+MARKED = """
 import pytest
 
 from llm import ask_anthropic, ask_openai
@@ -235,7 +235,7 @@ class TestMarkedClass:
         assert (metrion_cache.mode, metrion_cache.settings.namespace) == ("true", "from-function")
         assert metrion_cache.settings.ttl == 3600
         assert ask_openai("Cached by the function marker")
-'''
+"""
 
 
 def test_marker_settings_override_the_command_line(suite, provider):
@@ -253,7 +253,7 @@ def test_marker_settings_override_the_command_line(suite, provider):
     assert "2 hits, 0 misses, 1 refresh" in summary(locked)
 
 
-MARKED_REPLAY = '''
+MARKED_REPLAY = """
 import pytest
 
 from llm import ask_anthropic
@@ -262,7 +262,7 @@ from llm import ask_anthropic
 @pytest.mark.metrion_cache(mode="replay")
 def test_locked_by_its_marker():
     ask_anthropic("Never recorded, and locked by the marker")
-'''
+"""
 
 
 def test_replay_miss_under_a_replay_marker_says_to_change_the_marker(suite, provider):
@@ -276,7 +276,7 @@ def test_replay_miss_under_a_replay_marker_says_to_change_the_marker(suite, prov
     assert "Its metrion_cache marker sets mode='replay': set it to 'true'" in output
 
 
-BAD_MARKERS = '''
+BAD_MARKERS = """
 import pytest
 
 
@@ -288,7 +288,7 @@ def test_bad_mode(metrion_cache):
 @pytest.mark.metrion_cache(ttl_seconds=60)
 def test_unknown_argument():
     pass
-'''
+"""
 
 
 def test_bad_marker_settings_error_the_test_clearly(suite, provider):
@@ -298,17 +298,19 @@ def test_bad_marker_settings_error_the_test_clearly(suite, provider):
     result.assert_outcomes(errors=2)
     output = result.stdout.str()
     assert "metrion cache: @pytest.mark.metrion_cache(mode=...): unknown cache mode 'sometimes'" in output
-    assert "metrion cache: unknown metrion_cache marker argument(s) ttl_seconds; use mode, ttl, namespace, url" in output
+    assert (
+        "metrion cache: unknown metrion_cache marker argument(s) ttl_seconds; use mode, ttl, namespace, url" in output
+    )
 
 
-SETTINGS = '''
+SETTINGS = """
 import os
 
 
 def test_settings(metrion_cache):
     expected = os.environ["EXPECTED"].split()
     assert [metrion_cache.url, metrion_cache.mode, metrion_cache.settings.namespace] == expected
-'''
+"""
 
 
 def test_ini_beats_environment_and_command_line_beats_ini(suite, provider, monkeypatch):
@@ -320,8 +322,10 @@ def test_ini_beats_environment_and_command_line_beats_ini(suite, provider, monke
     monkeypatch.setenv("EXPECTED", "memory://from-env replay metrion")
     run(suite, provider)[0].assert_outcomes(passed=1)
 
-    suite.makeini(INI + "metrion_cache_url = memory://from-ini\nmetrion_cache_mode = refresh\n"
-                  "metrion_cache_namespace = from-ini\n")
+    suite.makeini(
+        INI + "metrion_cache_url = memory://from-ini\nmetrion_cache_mode = refresh\n"
+        "metrion_cache_namespace = from-ini\n"
+    )
     monkeypatch.setenv("EXPECTED", "memory://from-ini refresh from-ini")
     run(suite, provider)[0].assert_outcomes(passed=1)
 
@@ -336,7 +340,7 @@ def test_ini_beats_environment_and_command_line_beats_ini(suite, provider, monke
     assert "metrion cache: --metrion-cache: unknown cache mode 'yes'" in bad.stderr.str()
 
 
-PLAIN = '''
+PLAIN = """
 import os
 
 from metrion_fixture.transports import patching
@@ -347,7 +351,7 @@ from llm import ask_openai
 def test_plain():
     assert patching.installed() == (os.environ["EXPECT_CACHE"] == "on")
     assert ask_openai("A test that never asked for the cache")
-'''
+"""
 
 
 def test_nothing_is_patched_unless_asked_and_cache_all_turns_it_on(suite, provider, monkeypatch):
@@ -366,7 +370,7 @@ def test_nothing_is_patched_unless_asked_and_cache_all_turns_it_on(suite, provid
         assert calls == expected_calls
 
 
-ASYNC_SUITE = '''
+ASYNC_SUITE = """
 import asyncio
 
 import pytest
@@ -399,7 +403,7 @@ async def test_anyio_anthropic():
 
 def test_asyncio_tests_ran_on_their_own_loops():
     assert len(LOOPS) == 2 and LOOPS[0] is not LOOPS[1]
-'''
+"""
 
 
 def test_async_tests_on_their_own_loops(suite, provider, redis_url, redis_namespace):
@@ -453,14 +457,14 @@ def test_redis_down_replay_fails_the_tests_clearly(suite, provider):
     assert "replay: 4 requests could not be answered (0 not cached, 4 with the store unreachable)" in output
 
 
-STARTUP_PROBE = '''
+STARTUP_PROBE = """
 import sys
 
 
 def pytest_sessionfinish(session):
     loaded = sorted(name for name in ("httpx", "httpx2", "redis", "anthropic", "openai") if name in sys.modules)
     print("LOADED:", ",".join(loaded) or "none")
-'''
+"""
 
 
 def test_pytest_start_up_imports_no_http_or_redis_client(pytester, monkeypatch):

@@ -5,7 +5,6 @@ the cache with the same content and no provider call."""
 from __future__ import annotations
 
 import pytest
-
 from sdk_calls import SDKS, call
 
 
@@ -14,7 +13,9 @@ from sdk_calls import SDKS, call
 @pytest.mark.parametrize("sdk", SDKS)
 def test_second_identical_request_is_a_hit(provider, session, sdk, use_async, stream):
     first = call(sdk, provider.url, stream=stream, use_async=use_async)
-    second = call(sdk, provider.url, stream=stream, use_async=use_async, extra_body={"max_tokens": 7, "temperature": 0.3})
+    second = call(
+        sdk, provider.url, stream=stream, use_async=use_async, extra_body={"max_tokens": 7, "temperature": 0.3}
+    )
 
     assert provider.call_count == 1
     assert first.cache == "MISS" and second.cache == "HIT"

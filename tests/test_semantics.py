@@ -30,7 +30,10 @@ PATH = {"anthropic": "/v1/messages", "openai": "/v1/chat/completions"}
 REQUEST_ID = {"anthropic": "request-id", "openai": "x-request-id"}
 RATE_LIMIT = {"anthropic": "anthropic-ratelimit-requests-remaining", "openai": "x-ratelimit-remaining-requests"}
 # anthropic 2.x sends its key as a bearer token, like openai.
-API_KEY_HEADER = {"anthropic": ("authorization", f"Bearer {ANTHROPIC_KEY}"), "openai": ("authorization", f"Bearer {OPENAI_KEY}")}
+API_KEY_HEADER = {
+    "anthropic": ("authorization", f"Bearer {ANTHROPIC_KEY}"),
+    "openai": ("authorization", f"Bearer {OPENAI_KEY}"),
+}
 SYSTEM = "You are the support desk of a small web shop. Answer in one sentence."
 
 
@@ -337,7 +340,9 @@ def test_ttl_default_max_age_cap_and_zero_on_every_store(provider, session):
             call("anthropic", provider.url, messages=zero, extra_headers={"Cache-Control": bad})
         assert excinfo.value.response.headers["x-metrion-cache"] == "ERROR"
         assert excinfo.value.response.headers["x-should-retry"] == "false"
-        assert error_message("anthropic", error_of("anthropic", excinfo)).startswith("metrion cache: invalid Cache-Control")
+        assert error_message("anthropic", error_of("anthropic", excinfo)).startswith(
+            "metrion cache: invalid Cache-Control"
+        )
     assert provider.call_count == before + 2
     assert len(stored_keys(session)) == len(cases)
 
@@ -346,8 +351,12 @@ def test_ttl_default_max_age_cap_and_zero_on_every_store(provider, session):
 def test_malformed_max_age_is_a_400_in_the_provider_shape(provider, memory_session, sdk):
     """A malformed max-age gives the SDK's BadRequestError and never reaches the provider, for both formats."""
     with pytest.raises(sdk_module(sdk).BadRequestError) as excinfo:
-        call(sdk, provider.url, client=client(sdk, provider.url, max_retries=2),
-             extra_headers={"Cache-Control": "max-age=abc"})
+        call(
+            sdk,
+            provider.url,
+            client=client(sdk, provider.url, max_retries=2),
+            extra_headers={"Cache-Control": "max-age=abc"},
+        )
     assert_provider_error_shape(sdk, error_of(sdk, excinfo), "invalid_request_error")
     assert provider.call_count == 0 and memory_session.stats.errors == 1
 
@@ -391,7 +400,9 @@ def test_short_max_age_expires(provider, memory_session, monkeypatch):
 def test_cache_headers_are_stripped_before_the_provider(provider, memory_session, sdk, stream):
     """The provider never sees x-metrion-cache or Cache-Control, but does get the API key."""
     answer = call(
-        sdk, provider.url, stream=stream,
+        sdk,
+        provider.url,
+        stream=stream,
         extra_headers={"x-metrion-cache": "true", "Cache-Control": "max-age=60", "x-custom": "kept"},
     )
     assert answer.cache == "MISS"
@@ -448,14 +459,14 @@ def test_mode_refresh_always_calls_the_provider_and_stores(provider, memory_url,
 
 
 @pytest.fixture
-def recorded(provider, memory_url, namespace):
-    """A memory store with the default question recorded for both SDKs, streamed and not."""
-    with metrion_fixture.cache(memory_url, namespace=namespace):
+def recorded(provider, store_url, namespace):
+    """Each store with the default question recorded for both SDKs, streamed and not."""
+    with metrion_fixture.cache(store_url, namespace=namespace):
         for sdk in SDKS:
             for stream in (False, True):
                 assert call(sdk, provider.url, stream=stream).cache == "MISS"
     provider.reset()
-    return memory_url, namespace
+    return store_url, namespace
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
@@ -481,7 +492,11 @@ def test_replay_miss_is_a_504_naming_model_and_key(provider, recorded, sdk, use_
     replay = metrion_fixture.cache(url, namespace=namespace, mode="replay")
     with replay as active, pytest.raises(sdk_module(sdk).APIStatusError) as excinfo:
         call(
-            sdk, provider.url, use_async=use_async, messages=messages, extra_headers=extra_headers,
+            sdk,
+            provider.url,
+            use_async=use_async,
+            messages=messages,
+            extra_headers=extra_headers,
             client=client(sdk, provider.url, use_async=use_async, max_retries=2),
         )
     key = cache_key(MODEL[sdk], messages)
@@ -538,10 +553,20 @@ def test_response_headers_on_miss_and_hit(provider, memory_session, sdk, stream)
     assert hit.headers["content-type"].startswith(expected_type)
     assert "set-cookie" in miss.headers and "set-cookie" not in hit.headers
 
-    entry = Entry.decode(memory_session.store.get(storage_key(memory_session, sdk, MODEL[sdk], QUESTION, stream=stream)))
+    entry = Entry.decode(
+        memory_session.store.get(storage_key(memory_session, sdk, MODEL[sdk], QUESTION, stream=stream))
+    )
     names = {name.lower() for name, _ in entry.headers}
-    assert not names & {"set-cookie", "content-length", "content-encoding", "transfer-encoding", "connection",
-                        "x-metrion-cache", "x-metrion-cache-key", "age"}
+    assert not names & {
+        "set-cookie",
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "x-metrion-cache",
+        "x-metrion-cache-key",
+        "age",
+    }
     assert REQUEST_ID[sdk] in names
 
 
@@ -654,7 +679,9 @@ def test_no_secret_reaches_the_store(provider, session):
             for stream in (False, True):
                 call(sdk, provider.url, stream=stream)
         response = raw_post(
-            provider.url, "/v1/messages", params={"key": "SECRETQUERY"},
+            provider.url,
+            "/v1/messages",
+            params={"key": "SECRETQUERY"},
             json={"model": "gemini-ish", "messages": QUESTION, "max_tokens": 20},
             headers={"x-goog-api-key": "SECRETGOOG", "Authorization": "Bearer SECRETBEARER"},
         )

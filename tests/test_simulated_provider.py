@@ -8,7 +8,8 @@ import json
 import socket
 import threading
 import zlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import anthropic
 import httpx
@@ -102,9 +103,7 @@ def words(text: str) -> int:
 # -- Anthropic Messages ------------------------------------------------------------------------------
 
 
-def test_anthropic_message_shape_usage_and_headers(
-    provider: SimulatedProvider, claude: anthropic.Anthropic
-) -> None:
+def test_anthropic_message_shape_usage_and_headers(provider: SimulatedProvider, claude: anthropic.Anthropic) -> None:
     raw = claude.messages.with_raw_response.create(
         model="claude-sim",
         max_tokens=64,

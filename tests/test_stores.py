@@ -193,9 +193,7 @@ def test_sqlite_file_is_lazy_wal_and_has_schema(tmp_path: Path) -> None:
     store.close()
 
 
-def test_sqlite_purges_expired_rows_on_open(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sqlite_purges_expired_rows_on_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "cache.sqlite3"
     store = SQLiteStore(path)
     store.set("old", b"v", 1)

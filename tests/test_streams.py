@@ -39,17 +39,13 @@ def body_for(sdk: str, *, stream: bool = True, messages: list | None = None) -> 
     return body
 
 
-def storage_key(
-    namespace: str, sdk: str, *, stream: bool = True, messages: list | None = None
-) -> str:
+def storage_key(namespace: str, sdk: str, *, stream: bool = True, messages: list | None = None) -> str:
     _, model, wire = ROUTES[sdk]
     key = metrion_fixture.cache_key(model, messages or QUESTION)
     return f"{namespace}:{wire}:{'stream' if stream else 'json'}:{key}"
 
 
-def raw_chunks(
-    lib, url: str, sdk: str, *, use_async: bool, headers: dict | None = None
-) -> tuple[dict, list[bytes]]:
+def raw_chunks(lib, url: str, sdk: str, *, use_async: bool, headers: dict | None = None) -> tuple[dict, list[bytes]]:
     """POST a streaming request with a bare httpx / httpx2 client; the headers and the iter_raw chunks."""
     path = ROUTES[sdk][0]
 
@@ -81,9 +77,7 @@ sync_async = pytest.mark.parametrize("use_async", [False, True], ids=["sync", "a
 @sync_async
 @pytest.mark.parametrize("lib", sorted(LIBS))
 @pytest.mark.parametrize("sdk", SDKS)
-def test_hit_replays_the_same_chunks_in_the_same_order(
-    provider, memory_session, namespace, sdk, lib, use_async
-):
+def test_hit_replays_the_same_chunks_in_the_same_order(provider, memory_session, namespace, sdk, lib, use_async):
     """A hit gives the caller exactly the chunks the miss gave, same boundaries, same order."""
     miss_headers, miss = raw_chunks(LIBS[lib], provider.url, sdk, use_async=use_async)
     hit_headers, hit = raw_chunks(LIBS[lib], provider.url, sdk, use_async=use_async)
@@ -104,19 +98,13 @@ def test_sdk_sees_the_same_events_on_a_hit(provider, memory_session, use_async):
     """The Anthropic SDK's event sequence on a hit is the miss's, event for event."""
 
     async def events_async() -> list[str]:
-        client = anthropic.AsyncAnthropic(
-            base_url=provider.url, api_key="k", max_retries=0
-        )
-        async with client.messages.stream(
-            model="claude-test", max_tokens=100, messages=QUESTION
-        ) as events:
+        client = anthropic.AsyncAnthropic(base_url=provider.url, api_key="k", max_retries=0)
+        async with client.messages.stream(model="claude-test", max_tokens=100, messages=QUESTION) as events:
             return [event.type async for event in events]
 
     def events() -> list[str]:
         client = anthropic.Anthropic(base_url=provider.url, api_key="k", max_retries=0)
-        with client.messages.stream(
-            model="claude-test", max_tokens=100, messages=QUESTION
-        ) as stream:
+        with client.messages.stream(model="claude-test", max_tokens=100, messages=QUESTION) as stream:
             return [event.type for event in stream]
 
     run = (lambda: asyncio.run(events_async())) if use_async else events
@@ -142,9 +130,7 @@ def slow_provider(_slow_server: SimulatedProvider) -> SimulatedProvider:
 
 
 @sync_async
-def test_miss_passes_chunks_on_before_the_stream_ends(
-    slow_provider, memory_session, namespace, use_async
-):
+def test_miss_passes_chunks_on_before_the_stream_ends(slow_provider, memory_session, namespace, use_async):
     """On a miss the first chunk reaches the caller before the stream is over; the entry appears only after its end."""
     key = storage_key(namespace, "anthropic", messages=SHORT)
     url = slow_provider.url + "/v1/messages"
@@ -184,62 +170,40 @@ def test_miss_passes_chunks_on_before_the_stream_ends(
 
 @sync_async
 @pytest.mark.parametrize("sdk", SDKS)
-def test_sdk_gets_the_first_event_before_the_entry_exists(
-    slow_provider, memory_session, namespace, sdk, use_async
-):
+def test_sdk_gets_the_first_event_before_the_entry_exists(slow_provider, memory_session, namespace, sdk, use_async):
     """Through the SDKs: the first event arrives while nothing is stored yet, the rest still arrives, then it is stored."""
     key = storage_key(namespace, sdk, messages=SHORT)
     store = memory_session.store
 
     def sync() -> tuple[bytes | None, str]:
         if sdk == "anthropic":
-            client = anthropic.Anthropic(
-                base_url=slow_provider.url, api_key="k", max_retries=0
-            )
-            with client.messages.stream(
-                model="claude-test", max_tokens=100, messages=SHORT
-            ) as stream:
+            client = anthropic.Anthropic(base_url=slow_provider.url, api_key="k", max_retries=0)
+            with client.messages.stream(model="claude-test", max_tokens=100, messages=SHORT) as stream:
                 pieces = iter(stream.text_stream)
                 first = next(pieces)
                 at_first = store.get(key)
                 return at_first, first + "".join(pieces)
-        client = openai.OpenAI(
-            base_url=slow_provider.url + "/v1", api_key="k", max_retries=0
-        )
-        stream = client.chat.completions.create(
-            model="gpt-test", messages=SHORT, stream=True
-        )
+        client = openai.OpenAI(base_url=slow_provider.url + "/v1", api_key="k", max_retries=0)
+        stream = client.chat.completions.create(model="gpt-test", messages=SHORT, stream=True)
         chunks = iter(stream)
         next(chunks)
         at_first = store.get(key)
-        return at_first, "".join(
-            c.choices[0].delta.content or "" for c in chunks if c.choices
-        )
+        return at_first, "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
     async def run_async() -> tuple[bytes | None, str]:
         if sdk == "anthropic":
-            client = anthropic.AsyncAnthropic(
-                base_url=slow_provider.url, api_key="k", max_retries=0
-            )
-            async with client.messages.stream(
-                model="claude-test", max_tokens=100, messages=SHORT
-            ) as stream:
+            client = anthropic.AsyncAnthropic(base_url=slow_provider.url, api_key="k", max_retries=0)
+            async with client.messages.stream(model="claude-test", max_tokens=100, messages=SHORT) as stream:
                 pieces = stream.text_stream.__aiter__()
                 first = await pieces.__anext__()
                 at_first = store.get(key)
                 return at_first, first + "".join([piece async for piece in pieces])
-        client = openai.AsyncOpenAI(
-            base_url=slow_provider.url + "/v1", api_key="k", max_retries=0
-        )
-        stream = await client.chat.completions.create(
-            model="gpt-test", messages=SHORT, stream=True
-        )
+        client = openai.AsyncOpenAI(base_url=slow_provider.url + "/v1", api_key="k", max_retries=0)
+        stream = await client.chat.completions.create(model="gpt-test", messages=SHORT, stream=True)
         chunks = stream.__aiter__()
         await chunks.__anext__()
         at_first = store.get(key)
-        return at_first, "".join(
-            [c.choices[0].delta.content or "" async for c in chunks if c.choices]
-        )
+        return at_first, "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
 
     at_first, text = asyncio.run(run_async()) if use_async else sync()
     assert at_first is None
@@ -250,9 +214,7 @@ def test_sdk_gets_the_first_event_before_the_entry_exists(
 
 @sync_async
 @pytest.mark.parametrize("lib", sorted(LIBS))
-def test_upstream_is_pulled_one_chunk_at_a_time(
-    memory_session, namespace, lib, use_async
-):
+def test_upstream_is_pulled_one_chunk_at_a_time(memory_session, namespace, lib, use_async):
     """With an upstream we control: when the caller holds chunk n, the cache has pulled exactly n chunks from it."""
     hx = LIBS[lib]
     events = [
@@ -276,9 +238,7 @@ def test_upstream_is_pulled_one_chunk_at_a_time(
                 yield chunk
 
     def handler(request):
-        return hx.Response(
-            200, headers={"content-type": "text/event-stream"}, stream=Upstream()
-        )
+        return hx.Response(200, headers={"content-type": "text/event-stream"}, stream=Upstream())
 
     def check(index: int, chunk: bytes, status: str) -> None:
         assert status == "MISS" and chunk == events[index]
@@ -312,9 +272,7 @@ def test_upstream_is_pulled_one_chunk_at_a_time(
 
 
 @sync_async
-def test_openai_sdk_stopping_at_done_still_stores(
-    provider, memory_session, namespace, use_async
-):
+def test_openai_sdk_stopping_at_done_still_stores(provider, memory_session, namespace, use_async):
     """The OpenAI SDK closes the response at [DONE] (async: after draining response.stream); the entry is stored."""
     first = call("openai", provider.url, stream=True, use_async=use_async)
     second = call("openai", provider.url, stream=True, use_async=use_async)
@@ -329,9 +287,7 @@ def test_openai_sdk_stopping_at_done_still_stores(
 @sync_async
 @pytest.mark.parametrize("lib", sorted(LIBS))
 @pytest.mark.parametrize("sdk", SDKS)
-def test_iterating_the_stream_again_resumes_it(
-    provider, memory_session, sdk, lib, use_async
-):
+def test_iterating_the_stream_again_resumes_it(provider, memory_session, sdk, lib, use_async):
     """A second iteration of response.stream (how the async OpenAI SDK drains) resumes, on a miss and on a hit."""
     url = provider.url + ROUTES[sdk][0]
 
@@ -389,10 +345,8 @@ FAILURES = {
 @sync_async
 @pytest.mark.parametrize("sdk", SDKS)
 @pytest.mark.parametrize("mode", sorted(FAILURES))
-def test_incomplete_streams_are_never_stored(
-    provider, memory_session, namespace, mode, sdk, use_async
-):
-    """A cut, failed or unterminated stream is not stored: the next identical call reaches the provider."""
+def test_incomplete_streams_are_never_stored(provider, session, namespace, mode, sdk, use_async):
+    """A cut, failed or unterminated stream is not stored, on any store: the next identical call reaches the provider."""
     expected = FAILURES[mode][sdk]
     if expected is None:
         answer = call(
@@ -413,13 +367,13 @@ def test_incomplete_streams_are_never_stored(
                 extra_headers={"x-simulate": mode},
             )
 
-    assert memory_session.store.keys(namespace + ":") == []
-    assert memory_session.stats.stored == 0
+    assert session.store.keys(namespace + ":") == []
+    assert session.stats.stored == 0
 
     again = call(sdk, provider.url, stream=True, use_async=use_async)
     assert again.cache == "MISS" and "delivery" in again.text
     assert provider.call_count == 2
-    assert memory_session.store.keys(namespace + ":") == [storage_key(namespace, sdk)]
+    assert session.store.keys(namespace + ":") == [storage_key(namespace, sdk)]
 
 
 def close_after_first_event(sdk: str, url: str, use_async: bool) -> str:
@@ -428,15 +382,11 @@ def close_after_first_event(sdk: str, url: str, use_async: bool) -> str:
     def sync() -> str:
         if sdk == "anthropic":
             client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
-            with client.messages.stream(
-                model="claude-test", max_tokens=100, messages=QUESTION
-            ) as stream:
+            with client.messages.stream(model="claude-test", max_tokens=100, messages=QUESTION) as stream:
                 for text in stream.text_stream:
                     return text
         client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
-        stream = client.chat.completions.create(
-            model="gpt-test", messages=QUESTION, stream=True
-        )
+        stream = client.chat.completions.create(model="gpt-test", messages=QUESTION, stream=True)
         first = next(iter(stream))
         stream.close()
         return first.choices[0].delta.role or ""
@@ -444,15 +394,11 @@ def close_after_first_event(sdk: str, url: str, use_async: bool) -> str:
     async def run_async() -> str:
         if sdk == "anthropic":
             client = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0)
-            async with client.messages.stream(
-                model="claude-test", max_tokens=100, messages=QUESTION
-            ) as stream:
+            async with client.messages.stream(model="claude-test", max_tokens=100, messages=QUESTION) as stream:
                 async for text in stream.text_stream:
                     return text
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
-        stream = await client.chat.completions.create(
-            model="gpt-test", messages=QUESTION, stream=True
-        )
+        stream = await client.chat.completions.create(model="gpt-test", messages=QUESTION, stream=True)
         first = await stream.__aiter__().__anext__()
         await stream.close()
         return first.choices[0].delta.role or ""
@@ -462,13 +408,11 @@ def close_after_first_event(sdk: str, url: str, use_async: bool) -> str:
 
 @sync_async
 @pytest.mark.parametrize("sdk", SDKS)
-def test_caller_closing_early_through_the_sdk_stores_nothing(
-    provider, memory_session, namespace, sdk, use_async
-):
+def test_caller_closing_early_through_the_sdk_stores_nothing(provider, session, namespace, sdk, use_async):
     """A caller that stops after the first event and closes leaves no entry; the next call is a MISS."""
     assert close_after_first_event(sdk, provider.url, use_async)
-    assert memory_session.store.keys(namespace + ":") == []
-    assert memory_session.stats.stored == 0
+    assert session.store.keys(namespace + ":") == []
+    assert session.stats.stored == 0
 
     again = call(sdk, provider.url, stream=True, use_async=use_async)
     assert again.cache == "MISS"
@@ -478,9 +422,7 @@ def test_caller_closing_early_through_the_sdk_stores_nothing(
 @sync_async
 @pytest.mark.parametrize("lib", sorted(LIBS))
 @pytest.mark.parametrize("sdk", SDKS)
-def test_caller_closing_early_on_a_raw_client_stores_nothing(
-    provider, memory_session, namespace, sdk, lib, use_async
-):
+def test_caller_closing_early_on_a_raw_client_stores_nothing(provider, memory_session, namespace, sdk, lib, use_async):
     """One iter_raw chunk, then close: nothing stored, and the next identical request is a MISS."""
     url = provider.url + ROUTES[sdk][0]
 
@@ -499,9 +441,7 @@ def test_caller_closing_early_on_a_raw_client_stores_nothing(
             return await response.aiter_raw().__anext__()
 
     first = asyncio.run(run_async()) if use_async else sync()
-    assert first.startswith(
-        b"event: message_start" if sdk == "anthropic" else b"data: {"
-    )
+    assert first.startswith(b"event: message_start" if sdk == "anthropic" else b"data: {")
     assert memory_session.store.keys(namespace + ":") == []
 
     headers, _ = raw_chunks(LIBS[lib], provider.url, sdk, use_async=use_async)
@@ -515,9 +455,7 @@ def test_caller_closing_early_on_a_raw_client_stores_nothing(
 
 @sync_async
 @pytest.mark.parametrize("sdk", SDKS)
-def test_stream_and_json_share_the_key_but_not_the_entry(
-    provider, memory_session, namespace, sdk, use_async
-):
+def test_stream_and_json_share_the_key_but_not_the_entry(provider, memory_session, namespace, sdk, use_async):
     """The same prompt streamed and not has one cache key and two entries: each variant misses once, then hits."""
     json_miss = call(sdk, provider.url, stream=False, use_async=use_async)
     stream_miss = call(sdk, provider.url, stream=True, use_async=use_async)
@@ -530,10 +468,7 @@ def test_stream_and_json_share_the_key_but_not_the_entry(
         "HIT",
         "HIT",
     ]
-    keys = {
-        a.headers["x-metrion-cache-key"]
-        for a in (json_miss, stream_miss, json_hit, stream_hit)
-    }
+    keys = {a.headers["x-metrion-cache-key"] for a in (json_miss, stream_miss, json_hit, stream_hit)}
     assert keys == {metrion_fixture.cache_key(ROUTES[sdk][1], QUESTION)}
     assert provider.call_count == 2
     assert json_hit.text == stream_hit.text == json_miss.text
@@ -561,26 +496,18 @@ FORMATS = {
     "anthropic": {
         "format": ANTHROPIC_MESSAGES,
         "start": lambda: _anthropic_event("message_start", message={"id": "msg_1"}),
-        "delta": lambda text: _anthropic_event(
-            "content_block_delta", delta={"type": "text_delta", "text": text}
-        ),
+        "delta": lambda text: _anthropic_event("content_block_delta", delta={"type": "text_delta", "text": text}),
         "ping": lambda: _anthropic_event("ping"),
         "end": lambda: _anthropic_event("message_stop"),
-        "error": lambda: _anthropic_event(
-            "error", error={"type": "overloaded_error", "message": "Overloaded"}
-        ),
+        "error": lambda: _anthropic_event("error", error={"type": "overloaded_error", "message": "Overloaded"}),
     },
     "openai": {
         "format": OPENAI_CHAT,
         "start": lambda: _openai_event({"choices": [{"delta": {"role": "assistant"}}]}),
-        "delta": lambda text: _openai_event(
-            {"choices": [{"delta": {"content": text}}]}
-        ),
+        "delta": lambda text: _openai_event({"choices": [{"delta": {"content": text}}]}),
         "ping": lambda: b": keep-alive\n\n",
         "end": lambda: _openai_event("[DONE]"),
-        "error": lambda: _openai_event(
-            {"error": {"message": "server had an error", "type": "server_error"}}
-        ),
+        "error": lambda: _openai_event({"error": {"message": "server had an error", "type": "server_error"}}),
     },
 }
 
@@ -635,6 +562,4 @@ def test_watcher_verdict_does_not_depend_on_chunk_boundaries(case):
 
     assert _verdict(wire_format, [data]) == expected
     assert _verdict(wire_format, pieces) == expected
-    assert (
-        _verdict(wire_format, [data[i : i + 1] for i in range(len(data))]) == expected
-    )
+    assert _verdict(wire_format, [data[i : i + 1] for i in range(len(data))]) == expected

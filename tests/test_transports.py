@@ -24,9 +24,7 @@ from metrion_fixture.transports import patching
 
 LIBS = {"httpx": httpx, "httpx2": httpx2}
 CACHE_TRANSPORTS = {"httpx": mf_httpx, "httpx2": mf_httpx2}
-CLIENT_CLASSES = [
-    (hx, name) for hx in (httpx, httpx2) for name in ("Client", "AsyncClient")
-]
+CLIENT_CLASSES = [(hx, name) for hx in (httpx, httpx2) for name in ("Client", "AsyncClient")]
 ROUTES = {  # sdk -> (path, model, wire format name)
     "anthropic": ("/v1/messages", "claude-test", "anthropic_messages"),
     "openai": ("/v1/chat/completions", "gpt-test", "openai_chat"),
@@ -75,24 +73,16 @@ def post_twice(
     path = ROUTES[sdk][0]
 
     def options() -> dict[str, Any]:
-        return {
-            name: value() if callable(value) else value
-            for name, value in client_options.items()
-        }
+        return {name: value() if callable(value) else value for name, value in client_options.items()}
 
     def sync() -> list[tuple[str | None, bytes]]:
         with hx.Client(**options()) as client:
-            answers = [
-                client.post(url + path, json=body_for(sdk, stream)) for _ in range(2)
-            ]
+            answers = [client.post(url + path, json=body_for(sdk, stream)) for _ in range(2)]
         return [(r.headers.get("x-metrion-cache"), r.content) for r in answers]
 
     async def run_async() -> list[tuple[str | None, bytes]]:
         async with hx.AsyncClient(**options()) as client:
-            answers = [
-                await client.post(url + path, json=body_for(sdk, stream))
-                for _ in range(2)
-            ]
+            answers = [await client.post(url + path, json=body_for(sdk, stream)) for _ in range(2)]
         return [(r.headers.get("x-metrion-cache"), r.content) for r in answers]
 
     return asyncio.run(run_async()) if use_async else sync()
@@ -108,10 +98,7 @@ def assert_miss_then_hit(answers: list[tuple[str | None, bytes]]) -> None:
 def unpatched() -> Iterator[None]:
     """No cache session and no patch, before and after: the explicit-transport and life-cycle tests need a clean slate."""
     assert not patching.installed(), "a cache patch leaked from an earlier test"
-    originals = {
-        (hx, name): getattr(hx, name).__dict__["_transport_for_url"]
-        for hx, name in CLIENT_CLASSES
-    }
+    originals = {(hx, name): getattr(hx, name).__dict__["_transport_for_url"] for hx, name in CLIENT_CLASSES}
     try:
         yield
     finally:
@@ -137,31 +124,22 @@ def test_raw_clients_hit_after_miss(provider, memory_session, sdk, lib, use_asyn
 
 # -- 8. mock, custom and mounted transports -----------------------------------------------------
 
-SSE = (
-    b'event: message_start\ndata: {"type":"message_start"}\n\n'
-    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
-)
+SSE = b'event: message_start\ndata: {"type":"message_start"}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
 MOCK_ANSWERS = {  # how the mock builds its response
-    "json": lambda hx: hx.Response(
-        200, json={"id": "msg_mock", "content": [{"type": "text", "text": "hi"}]}
-    ),
+    "json": lambda hx: hx.Response(200, json={"id": "msg_mock", "content": [{"type": "text", "text": "hi"}]}),
     "content": lambda hx: hx.Response(
         200,
         content=b'{"id":"msg_mock","content":[]}',
         headers={"content-type": "application/json"},
     ),
-    "sse": lambda hx: hx.Response(
-        200, content=SSE, headers={"content-type": "text/event-stream"}
-    ),
+    "sse": lambda hx: hx.Response(200, content=SSE, headers={"content-type": "text/event-stream"}),
 }
 
 
 @sync_async
 @both_libs
 @pytest.mark.parametrize("answer", sorted(MOCK_ANSWERS))
-def test_mock_transport_answers_are_stored_and_hit(
-    memory_session, namespace, answer, lib, use_async
-):
+def test_mock_transport_answers_are_stored_and_hit(memory_session, namespace, answer, lib, use_async):
     """A MockTransport answer (json=, content=, or an event stream) is stored; the hit does not call the handler."""
     hx = LIBS[lib]
     handled: list[Any] = []
@@ -172,16 +150,12 @@ def test_mock_transport_answers_are_stored_and_hit(
 
     stream = answer == "sse"
     transport = lambda: hx.MockTransport(handler)
-    answers = post_twice(
-        lib, use_async, "http://llm.test", stream=stream, transport=transport
-    )
+    answers = post_twice(lib, use_async, "http://llm.test", stream=stream, transport=transport)
 
     assert_miss_then_hit(answers)
     assert len(handled) == 1
     assert answers[0][1] == MOCK_ANSWERS[answer](hx).content
-    entry = Entry.decode(
-        memory_session.store.get(storage_key(namespace, "anthropic", stream=stream))
-    )
+    entry = Entry.decode(memory_session.store.get(storage_key(namespace, "anthropic", stream=stream)))
     assert entry.stream is stream
     assert b"".join(entry.chunks) == answers[0][1]
 
@@ -204,32 +178,24 @@ def counting(base: type) -> tuple[type, list[Any]]:
 
 @sync_async
 @both_libs
-def test_a_user_given_transport_is_cached_and_still_used(
-    provider, memory_session, lib, use_async
-):
+def test_a_user_given_transport_is_cached_and_still_used(provider, memory_session, lib, use_async):
     """Client(transport=HTTPTransport(retries=1)): the user's transport sends the miss, the hit skips it."""
     hx = LIBS[lib]
     Counting, sent = counting(hx.AsyncHTTPTransport if use_async else hx.HTTPTransport)
 
-    assert_miss_then_hit(
-        post_twice(lib, use_async, provider.url, transport=lambda: Counting(retries=1))
-    )
+    assert_miss_then_hit(post_twice(lib, use_async, provider.url, transport=lambda: Counting(retries=1)))
     assert len(sent) == 1 and provider.call_count == 1
 
 
 @sync_async
 @both_libs
-def test_a_mounted_transport_is_cached_and_still_used(
-    provider, memory_session, lib, use_async
-):
+def test_a_mounted_transport_is_cached_and_still_used(provider, memory_session, lib, use_async):
     """Client(mounts={"http://127.0.0.1": ...}): the mount sends the miss, the hit skips it."""
     hx = LIBS[lib]
     Counting, sent = counting(hx.AsyncHTTPTransport if use_async else hx.HTTPTransport)
     assert provider.url.startswith("http://127.0.0.1:")
 
-    answers = post_twice(
-        lib, use_async, provider.url, mounts=lambda: {"http://127.0.0.1": Counting()}
-    )
+    answers = post_twice(lib, use_async, provider.url, mounts=lambda: {"http://127.0.0.1": Counting()})
     assert_miss_then_hit(answers)
     assert len(sent) == 1 and provider.call_count == 1
 
@@ -247,9 +213,7 @@ def explicit(lib: str, use_async: bool, **options: Any) -> Any:
 
 @sync_async
 @both_libs
-def test_explicit_transport_caches_without_the_patch(
-    provider, unpatched, namespace, lib, use_async
-):
+def test_explicit_transport_caches_without_the_patch(provider, unpatched, namespace, lib, use_async):
     """Client(transport=CacheTransport(...)) caches on its own, with nothing patched."""
     holder: list[Any] = []
 
@@ -269,36 +233,25 @@ def test_explicit_transport_caches_without_the_patch(
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @sync_async
 @pytest.mark.parametrize("sdk", SDKS)
-def test_sdk_with_an_explicit_transport_client(
-    provider, unpatched, namespace, sdk, use_async, stream
-):
+def test_sdk_with_an_explicit_transport_client(provider, unpatched, namespace, sdk, use_async, stream):
     """An SDK given http_client=httpx2.Client(transport=CacheTransport(...)) is cached, unpatched."""
     session = metrion_fixture.CacheSession(memory_url(), namespace=namespace)
     kwargs: dict[str, Any] = {"api_key": "k", "max_retries": 0}
     base_url = provider.url if sdk == "anthropic" else provider.url + "/v1"
 
     def sync() -> list[Any]:
-        http = httpx2.Client(
-            transport=mf_httpx2.CacheTransport(httpx2.HTTPTransport(), session=session)
-        )
+        http = httpx2.Client(transport=mf_httpx2.CacheTransport(httpx2.HTTPTransport(), session=session))
         client = (anthropic.Anthropic if sdk == "anthropic" else openai.OpenAI)(
             base_url=base_url, http_client=http, **kwargs
         )
         return [call(sdk, provider.url, stream=stream, client=client) for _ in range(2)]
 
     async def run_async() -> list[Any]:
-        http = httpx2.AsyncClient(
-            transport=mf_httpx2.AsyncCacheTransport(
-                httpx2.AsyncHTTPTransport(), session=session
-            )
+        http = httpx2.AsyncClient(transport=mf_httpx2.AsyncCacheTransport(httpx2.AsyncHTTPTransport(), session=session))
+        client = (anthropic.AsyncAnthropic if sdk == "anthropic" else openai.AsyncOpenAI)(
+            base_url=base_url, http_client=http, **kwargs
         )
-        client = (
-            anthropic.AsyncAnthropic if sdk == "anthropic" else openai.AsyncOpenAI
-        )(base_url=base_url, http_client=http, **kwargs)
-        return [
-            await acall(sdk, provider.url, stream=stream, client=client)
-            for _ in range(2)
-        ]
+        return [await acall(sdk, provider.url, stream=stream, client=client) for _ in range(2)]
 
     first, second = asyncio.run(run_async()) if use_async else sync()
     assert not patching.installed()
@@ -310,9 +263,7 @@ def test_sdk_with_an_explicit_transport_client(
 
 @sync_async
 @both_libs
-def test_explicit_transport_inside_cache_block_caches_once(
-    provider, memory_session, namespace, lib, use_async
-):
+def test_explicit_transport_inside_cache_block_caches_once(provider, memory_session, namespace, lib, use_async):
     """With cache() active, a client with its own CacheTransport is served by that transport only, not twice."""
     holder: list[Any] = []
 
@@ -331,10 +282,7 @@ def test_explicit_transport_inside_cache_block_caches_once(
 
 
 def current_patches() -> dict[tuple[Any, str], Any]:
-    return {
-        (hx, name): getattr(hx, name).__dict__["_transport_for_url"]
-        for hx, name in CLIENT_CLASSES
-    }
+    return {(hx, name): getattr(hx, name).__dict__["_transport_for_url"] for hx, name in CLIENT_CLASSES}
 
 
 def test_enable_then_disable_restores_the_original_functions(unpatched, namespace):
@@ -350,9 +298,7 @@ def test_enable_then_disable_restores_the_original_functions(unpatched, namespac
     assert all(restored[cls] is originals[cls] for cls in originals)
 
 
-def test_enable_twice_disable_once_leaves_nothing_installed(
-    provider, unpatched, namespace
-):
+def test_enable_twice_disable_once_leaves_nothing_installed(provider, unpatched, namespace):
     """A second enable() replaces the session without stacking a second patch; one disable() removes it."""
     originals = current_patches()
     first = metrion_fixture.enable(memory_url(), namespace=namespace)
@@ -363,9 +309,7 @@ def test_enable_twice_disable_once_leaves_nothing_installed(
     metrion_fixture.disable()
     assert not patching.installed()
     assert current_patches() == originals
-    assert (
-        post_twice("httpx2", False, provider.url)[1][0] is None
-    )  # not cached any more
+    assert post_twice("httpx2", False, provider.url)[1][0] is None  # not cached any more
     assert provider.call_count == 3
 
 
@@ -375,9 +319,7 @@ def test_nested_cache_blocks(provider, unpatched, namespace):
     with metrion_fixture.cache(memory_url(), namespace=namespace) as outer:
         assert_miss_then_hit(post_twice("httpx2", False, provider.url))
         with metrion_fixture.cache(memory_url(), namespace=namespace) as inner:
-            assert_miss_then_hit(
-                post_twice("httpx2", False, provider.url)
-            )  # a fresh store: a miss again
+            assert_miss_then_hit(post_twice("httpx2", False, provider.url))  # a fresh store: a miss again
         assert [r.status for r in inner.calls] == ["MISS", "HIT"]
         assert [r.status for r in outer.calls] == ["MISS", "HIT"]
         assert patching.installed()
@@ -406,9 +348,7 @@ def test_uninstall_leaves_a_later_patch_in_place(provider, unpatched, namespace)
 
     assert not patching.installed()
     assert httpx2.Client.__dict__["_transport_for_url"] is theirs
-    others = {
-        cls: fn for cls, fn in current_patches().items() if cls != (httpx2, "Client")
-    }
+    others = {cls: fn for cls, fn in current_patches().items() if cls != (httpx2, "Client")}
     assert all(fn is originals[cls] for cls, fn in others.items())
     # Their patch still runs, ours no longer caches through it.
     answers = post_twice("httpx2", False, provider.url)
@@ -425,9 +365,7 @@ def test_uninstall_leaves_a_later_patch_in_place(provider, unpatched, namespace)
 
 @sync_async
 @pytest.mark.parametrize("sdk", SDKS)
-def test_clients_created_before_enable_are_cached(
-    provider, unpatched, namespace, sdk, use_async
-):
+def test_clients_created_before_enable_are_cached(provider, unpatched, namespace, sdk, use_async):
     """An SDK client (and its connection pool) made before enable() is cached once enable() runs."""
     base_url = provider.url if sdk == "anthropic" else provider.url + "/v1"
 
@@ -466,35 +404,22 @@ def test_store_down_degrades_to_no_cache(provider, namespace, caplog, sdk, use_a
         streamed = call(sdk, provider.url, use_async=use_async, stream=True)
 
     assert [a.cache for a in answers] == ["MISS", "MISS"] and streamed.cache == "MISS"
-    assert (
-        answers[1].text == answers[0].text == streamed.text
-        and "delivery" in streamed.text
-    )
+    assert answers[1].text == answers[0].text == streamed.text and "delivery" in streamed.text
     assert provider.call_count == 3
     assert session.stats.store_errors == 6  # three failed reads, three failed writes
     assert session.stats.stored == 0 and session.stats.misses == 3
-    warnings = [
-        r
-        for r in caplog.records
-        if r.name == "metrion_fixture" and r.levelno == logging.WARNING
-    ]
+    warnings = [r for r in caplog.records if r.name == "metrion_fixture" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "127.0.0.1:1" in warnings[0].getMessage()
 
 
 @sync_async
 @pytest.mark.parametrize("sdk", SDKS)
-def test_store_down_in_replay_mode_is_a_504_naming_the_store(
-    provider, namespace, sdk, use_async
-):
+def test_store_down_in_replay_mode_is_a_504_naming_the_store(provider, namespace, sdk, use_async):
     """In replay mode a store that cannot be read is an HTTP 504 saying so; the provider is not called."""
-    error_type = (
-        anthropic.APIStatusError if sdk == "anthropic" else openai.APIStatusError
-    )
+    error_type = anthropic.APIStatusError if sdk == "anthropic" else openai.APIStatusError
     with (
-        metrion_fixture.cache(
-            DEAD_REDIS, namespace=namespace, mode="replay"
-        ) as session,
+        metrion_fixture.cache(DEAD_REDIS, namespace=namespace, mode="replay") as session,
         pytest.raises(error_type) as raised,
     ):
         call(sdk, provider.url, use_async=use_async)
@@ -504,11 +429,7 @@ def test_store_down_in_replay_mode_is_a_504_naming_the_store(
     assert error.response.headers["x-metrion-cache"] == "ERROR"
     assert error.response.headers["x-should-retry"] == "false"
     message = str(error)
-    assert (
-        "metrion cache:" in message
-        and "store could not be read" in message
-        and "replay" in message
-    )
+    assert "metrion cache:" in message and "store could not be read" in message and "replay" in message
     assert "ConnectionError" in message
     assert provider.call_count == 0
     assert session.stats.errors == 1 and session.stats.store_errors == 1
@@ -524,9 +445,7 @@ CORRUPTIONS = {
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("corruption", sorted(CORRUPTIONS))
-def test_a_corrupted_entry_is_a_miss_then_replaced(
-    provider, memory_session, namespace, corruption, stream
-):
+def test_a_corrupted_entry_is_a_miss_then_replaced(provider, memory_session, namespace, corruption, stream):
     """A damaged stored value is a MISS (the provider answers), then overwritten by a good entry that hits."""
     key = storage_key(namespace, "anthropic", stream=stream)
     first = call("anthropic", provider.url, stream=stream)
@@ -539,7 +458,5 @@ def test_a_corrupted_entry_is_a_miss_then_replaced(
     assert [a.cache for a in (first, second, third)] == ["MISS", "MISS", "HIT"]
     assert third.text == second.text == first.text
     assert provider.call_count == 2
-    assert Entry.decode(memory_session.store.get(key)).key == metrion_fixture.cache_key(
-        "claude-test", QUESTION
-    )
+    assert Entry.decode(memory_session.store.get(key)).key == metrion_fixture.cache_key("claude-test", QUESTION)
     assert memory_session.stats.stored == 2

@@ -94,7 +94,5 @@ def check_ttl(ttl: object) -> int:
 
 def check_namespace(namespace: object) -> str:
     if not isinstance(namespace, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", namespace):
-        raise MetrionCacheError(
-            f"invalid namespace {namespace!r}; use 1-64 letters, digits, '.', '_' or '-'"
-        )
+        raise MetrionCacheError(f"invalid namespace {namespace!r}; use 1-64 letters, digits, '.', '_' or '-'")
     return namespace

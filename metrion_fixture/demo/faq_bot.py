@@ -40,9 +40,10 @@ def run_demo(url: str | None = None, *, latency: float = 0.8, out: TextIO = sys.
         ("User E", "Can I change my delivery address after ordering?", True),
     ]
     rows: list[Row] = []
-    with SimulatedProvider(latency=latency, chunk_delay=latency / 40) as provider, cache(
-        url, namespace=DEMO_NAMESPACE
-    ) as session:
+    with (
+        SimulatedProvider(latency=latency, chunk_delay=latency / 40) as provider,
+        cache(url, namespace=DEMO_NAMESPACE) as session,
+    ):
         cleared = session.clear()
         print(f"metrion-cache demo: simulated provider at {provider.url}, cache store {session.url}", file=out)
         if cleared:

@@ -16,9 +16,10 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = ["DELIVERY_ANSWER", "ReceivedCall", "SimulatedProvider", "make_answer"]

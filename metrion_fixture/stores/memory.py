@@ -59,6 +59,4 @@ class MemoryStore(Store):
     def keys(self, prefix: str) -> list[str]:
         now = time.time()
         with self._lock:
-            return sorted(
-                k for k, (_, exp) in self._data.items() if exp > now and k.startswith(prefix)
-            )
+            return sorted(k for k, (_, exp) in self._data.items() if exp > now and k.startswith(prefix))

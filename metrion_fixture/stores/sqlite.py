@@ -15,8 +15,7 @@ from metrion_fixture.stores.base import Store
 _BUSY_TIMEOUT_MS = 5000
 _PURGE_EVERY = 1000
 _SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS entries ("
-    "key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS entries_expires_at ON entries (expires_at)",
 )
 
@@ -100,9 +99,11 @@ class SQLiteStore(Store):
         return "key >= ? AND key < ?", (prefix, upper)
 
     def get(self, key: str) -> bytes | None:
-        row = self._conn().execute(
-            "SELECT value FROM entries WHERE key = ? AND expires_at > ?", (key, time.time())
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT value FROM entries WHERE key = ? AND expires_at > ?", (key, time.time()))
+            .fetchone()
+        )
         return None if row is None else bytes(row[0])
 
     def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
@@ -123,9 +124,11 @@ class SQLiteStore(Store):
 
     def ttl(self, key: str) -> float | None:
         now = time.time()
-        row = self._conn().execute(
-            "SELECT expires_at FROM entries WHERE key = ? AND expires_at > ?", (key, now)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute("SELECT expires_at FROM entries WHERE key = ? AND expires_at > ?", (key, now))
+            .fetchone()
+        )
         return None if row is None else row[0] - now
 
     def delete_prefix(self, prefix: str) -> int:
@@ -134,9 +137,7 @@ class SQLiteStore(Store):
         with conn:
             conn.execute("BEGIN IMMEDIATE")
             # Expired rows go too, but only live ones are counted.
-            conn.execute(
-                f"DELETE FROM entries WHERE {where} AND expires_at <= ?", (*args, time.time())
-            )
+            conn.execute(f"DELETE FROM entries WHERE {where} AND expires_at <= ?", (*args, time.time()))
             return conn.execute(f"DELETE FROM entries WHERE {where}", args).rowcount
 
     def keys(self, prefix: str) -> list[str]:

@@ -1,6 +1,6 @@
 """Cache transports for httpx: ``CacheTransport`` and ``AsyncCacheTransport``.
 
-    client = httpx.Client(transport=CacheTransport(httpx.HTTPTransport(), url="redis://localhost"))
+client = httpx.Client(transport=CacheTransport(httpx.HTTPTransport(), url="redis://localhost"))
 """
 
 import httpx as _httpx

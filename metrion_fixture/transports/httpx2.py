@@ -1,6 +1,6 @@
 """Cache transports for httpx2, which anthropic 2.x and openai 3.x use: ``CacheTransport``, ``AsyncCacheTransport``.
 
-    client = httpx2.Client(transport=CacheTransport(httpx2.HTTPTransport(), url="redis://localhost"))
+client = httpx2.Client(transport=CacheTransport(httpx2.HTTPTransport(), url="redis://localhost"))
 """
 
 import httpx2 as _httpx

@@ -89,7 +89,7 @@ def uninstall() -> None:
         while _patched:
             client_class, original, patched = _patched.pop()
             if client_class.__dict__.get("_transport_for_url") is patched:
-                setattr(client_class, "_transport_for_url", original)
+                client_class._transport_for_url = original
 
 
 def installed() -> bool:
