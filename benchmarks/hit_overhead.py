@@ -1,9 +1,9 @@
-"""Hit overhead: an SDK call answered by the cache vs. the same call answered in-process.
+"""1. Hit overhead: an SDK call answered by the cache vs. the same call answered in-process.
 
 The floor is the anthropic SDK with an ``httpx2.MockTransport`` that returns a
 prepared answer: no network, no cache; nothing any cache can beat. Each store's
-hit path is reported as a ratio to that floor, measured in the same run (absolute
-times on a shared machine are noise).
+hit path is reported as a ratio to that floor, timed in interleaved rounds in the
+same run.
 
     .venv/bin/python benchmarks/hit_overhead.py [--requests 2000] [--redis redis://127.0.0.1:6379/15]
 """
@@ -12,42 +12,56 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-import anthropic
-import httpx2
+from common import Context, Row, ask, floor_transport, interleaved, ms, p50, percentile, sdk
 
-import metrion_fixture
+from metrion_fixture.session import CacheSession
+from metrion_fixture.transports.httpx2 import CacheTransport
 
-ANSWER = {
-    "id": "msg_bench",
-    "type": "message",
-    "role": "assistant",
-    "model": "claude-bench",
-    "content": [{"type": "text", "text": "Standard delivery takes 3-5 business days. " * 8}],
-    "stop_reason": "end_turn",
-    "stop_sequence": None,
-    "usage": {"input_tokens": 42, "output_tokens": 96},
-}
-MESSAGES = [{"role": "user", "content": "What are your delivery times?"}]
+TARGETS = {"memory": 1.2, "sqlite": 1.2, "redis": 1.3}
 
 
-def timings(client: anthropic.Anthropic, requests: int) -> list[float]:
-    samples = []
-    for _ in range(requests):
-        started = time.perf_counter()
-        client.messages.create(model="claude-bench", max_tokens=100, messages=MESSAGES)
-        samples.append(time.perf_counter() - started)
-    return samples
+def store_urls(ctx: Context) -> dict[str, str]:
+    return {"memory": "memory://bench", "sqlite": f"sqlite:///{ctx.folder}/hits.sqlite3", "redis": ctx.redis}
 
 
-def summary(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {"p50_ms": statistics.median(ordered) * 1000, "p99_ms": ordered[int(len(ordered) * 0.99) - 1] * 1000}
+def measure(ctx: Context) -> tuple[list[Row], dict]:
+    sessions = {
+        name: CacheSession(url, namespace=f"bench-{uuid.uuid4().hex[:8]}") for name, url in store_urls(ctx).items()
+    }
+    clients = {"floor": sdk(floor_transport())}
+    for name, session in sessions.items():
+        clients[name] = sdk(CacheTransport(floor_transport(), session=session))
+    try:
+        paths = {name: (lambda client=client: ask(client)) for name, client in clients.items()}
+        samples = interleaved(paths, ctx.count(ctx.requests), warmup=ctx.count(200, 5))
+        for name, session in sessions.items():
+            assert session.stats.misses == 1 and session.stats.hits > 0, (name, session.stats)
+    finally:
+        for session in sessions.values():
+            session.clear()
+    raw = {name: {"p50_ms": ms(p50(s)), "p99_ms": ms(percentile(s, 0.99)), "n": len(s)} for name, s in samples.items()}
+    floor = raw["floor"]
+    rows = []
+    for name in sessions:
+        rows.append(
+            Row(
+                "hit overhead",
+                f"{name} hit p50",
+                raw[name]["p50_ms"],
+                floor["p50_ms"],
+                target=f"<= {TARGETS[name]}x",
+                limit=TARGETS[name],
+                note="vs MockTransport floor",
+            )
+        )
+        rows.append(
+            Row("hit overhead", f"{name} hit p99", raw[name]["p99_ms"], floor["p99_ms"], note="vs MockTransport floor")
+        )
+    return rows, raw
 
 
 def main() -> None:
@@ -56,38 +70,13 @@ def main() -> None:
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "hit_overhead.json")
     args = parser.parse_args()
-
-    def client() -> anthropic.Anthropic:
-        transport = httpx2.MockTransport(lambda request: httpx2.Response(200, json=ANSWER))
-        return anthropic.Anthropic(api_key="bench", http_client=httpx2.Client(transport=transport), max_retries=0)
-
-    results: dict[str, dict[str, float]] = {}
-    timings(client(), 200)  # warm-up: imports, pydantic model building
-    results["floor (MockTransport)"] = summary(timings(client(), args.requests))
     with tempfile.TemporaryDirectory() as folder:
-        stores = {
-            "memory": "memory://bench",
-            "sqlite": f"sqlite:///{folder}/bench.sqlite3",
-            "redis": args.redis,
-        }
-        for name, url in stores.items():
-            namespace = f"bench-{uuid.uuid4().hex[:8]}"
-            with metrion_fixture.cache(url, namespace=namespace) as session:
-                sdk = client()
-                timings(sdk, 200)
-                results[f"hit on {name}"] = summary(timings(sdk, args.requests))
-                assert session.stats.misses == 1, session.stats
-                session.clear()
-
-    floor = results["floor (MockTransport)"]
-    print(f"{'path':<24} {'p50':>9} {'p99':>9} {'p50 / floor':>12} {'p99 / floor':>12}")
-    for name, row in results.items():
-        print(
-            f"{name:<24} {row['p50_ms']:>7.3f}ms {row['p99_ms']:>7.3f}ms"
-            f" {row['p50_ms'] / floor['p50_ms']:>11.2f}x {row['p99_ms'] / floor['p99_ms']:>11.2f}x"
-        )
+        ctx = Context(redis=args.redis, scale_redis="", scale_dbs=(), folder=folder, requests=args.requests)
+        rows, raw = measure(ctx)
+    for row in rows:
+        print(f"{row.case:<16} {row.value:>7.3f} ms  floor {row.baseline:>7.3f} ms  {row.ratio:>5.2f}x  {row.target}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
+    args.json.write_text(json.dumps(raw, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
+from typing import Any
 
+from .core.directives import check_ttl
 from .errors import MetrionCacheError
+from .reports import GROUPINGS, StoredEntry, answer_text, entries, render_entries, render_report, stats
+from .session import URL_ENV
+from .stores import default_store_url, open_store
+from .stores.base import Store
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +37,138 @@ def build_parser() -> argparse.ArgumentParser:
     )
     imports.add_argument("--namespace", help="cache namespace (default: metrion)")
     imports.add_argument("--ttl", help="how long the entries live: seconds or a duration like 12h, 30d (default 7d)")
+    add_ledger_commands(commands)
     return parser
+
+
+# -- stats, ls, show, purge -----------------------------------------------------------------------------------
+
+
+def add_ledger_commands(commands: Any) -> None:
+    def common(command: argparse.ArgumentParser) -> None:
+        command.add_argument(
+            "--url", help="cache store URL (default: METRION_CACHE_URL, else .metrion_cache/cache.sqlite3)"
+        )
+        command.add_argument("--namespace", help="only this namespace (default: every namespace in the store)")
+        command.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    stats = commands.add_parser("stats", help="requests, hit rate, tokens and dollars spent and saved, time saved")
+    common(stats)
+    stats.add_argument("--since", help="only calls in this last period, e.g. 7d, 12h, 90m (default: the whole ledger)")
+    stats.add_argument("--by", choices=GROUPINGS, help="one row per model, provider, day or namespace")
+    listing = commands.add_parser("ls", help="the stored answers")
+    common(listing)
+    listing.add_argument("--model", help="only answers of this model")
+    show = commands.add_parser("show", help="one stored answer: its metadata and the answer itself")
+    common(show)
+    show.add_argument(
+        "key", metavar="KEY", help="the cache key (x-metrion-cache-key, or its first 8+ characters) or storage key"
+    )
+    purge = commands.add_parser("purge", help="delete stored answers (the ledger of calls is kept)")
+    common(purge)
+    which = purge.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="the answers of this model")
+    which.add_argument("--older-than", metavar="AGE", help="answers stored longer ago than AGE, e.g. 3d, 12h")
+    which.add_argument("--all", action="store_true", help="every answer (asks first, unless --yes)")
+    purge.add_argument("--yes", action="store_true", help="do not ask before --all")
+
+
+def _store(args: argparse.Namespace) -> Store:
+    return open_store(args.url or os.environ.get(URL_ENV) or default_store_url())
+
+
+def _seconds(value: str, option: str) -> int:
+    try:
+        return check_ttl(value)
+    except MetrionCacheError:
+        raise MetrionCacheError(f"invalid {option} {value!r}; use a duration like 7d, 12h, 90m or seconds") from None
+
+
+def stats_command(args: argparse.Namespace) -> int:
+    since = time.time() - _seconds(args.since, "--since") if args.since else None
+    report = stats(_store(args), args.namespace, since=since, by=args.by)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    period = f"in the last {args.since}" if args.since else "in the ledger"
+    print(f"metrion cache: {report.total.requests} calls {period} ({_store(args).url})")
+    print(render_report(report))
+    return 0
+
+
+def _selected(args: argparse.Namespace) -> list[StoredEntry]:
+    found = entries(_store(args), args.namespace)
+    if getattr(args, "model", None):
+        found = [stored for stored in found if stored.entry.model == args.model]
+    return found
+
+
+def ls_command(args: argparse.Namespace) -> int:
+    found = _selected(args)
+    if args.json:
+        print(json.dumps([stored.summary() for stored in found], indent=2))
+    elif not found:
+        print("metrion cache: no stored answers" + (f" for model {args.model!r}" if args.model else ""))
+    else:
+        print(render_entries(found))
+        print(f"{len(found)} answers, {sum(s.entry.size for s in found):,} bytes")
+    return 0
+
+
+def show_command(args: argparse.Namespace) -> int:
+    wanted = args.key.strip()
+    found = [
+        stored
+        for stored in entries(_store(args), args.namespace)
+        if stored.storage_key == wanted or (len(wanted) >= 8 and stored.entry.key.startswith(wanted))
+    ]
+    if not found:
+        print(f"metrion-cache: no stored answer with key {wanted!r}", file=sys.stderr)
+        return 1
+    if args.json:
+        shown = [
+            {**stored.summary(), "headers": stored.entry.headers, "answer": answer_text(stored.entry)}
+            for stored in found
+        ]
+        print(json.dumps(shown, indent=2, ensure_ascii=False))
+        return 0
+    for stored in found:
+        # Stored entries hold the provider's answer and replayable response headers only:
+        # request headers (API keys) and set-cookie never enter the store.
+        info = stored.summary()
+        for name, value in info.items():
+            print(f"{name:>17}: {value}")
+        print(f"{'headers':>17}: " + ", ".join(f"{name}: {value}" for name, value in stored.entry.headers))
+        print()
+        print(answer_text(stored.entry))
+        print()
+    return 0
+
+
+def purge_command(args: argparse.Namespace) -> int:
+    store = _store(args)
+    found = _selected(args) if args.model else entries(store, args.namespace)
+    what = f"model {args.model!r}" if args.model else ""
+    if args.older_than:
+        cutoff = time.time() - _seconds(args.older_than, "--older-than")
+        found = [stored for stored in found if stored.entry.stored_at < cutoff]
+        what = f"stored more than {args.older_than} ago"
+    if args.all:
+        where = f"namespace {args.namespace!r}" if args.namespace else "every namespace"
+        what = f"all, in {where}"
+        if found and not args.yes:
+            try:
+                reply = input(f"Delete all {len(found)} stored answers in {where} of {store.url}? [y/N] ")
+            except EOFError:
+                reply = ""
+            if reply.strip().lower() not in ("y", "yes"):
+                print("metrion-cache: nothing deleted (confirm, or pass --yes)", file=sys.stderr)
+                return 1
+    for stored in found:
+        store.delete_prefix(stored.storage_key)
+    size = sum(stored.entry.size for stored in found)
+    print(f"metrion cache: removed {len(found)} stored answers ({what}), {size:,} bytes, from {store.url}")
+    return 0
 
 
 def import_cassettes_command(args: argparse.Namespace) -> int:
@@ -75,10 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.url, latency=args.latency)
         elif args.command == "import-cassettes":
             return import_cassettes_command(args)
+        elif args.command in LEDGER_COMMANDS:
+            return LEDGER_COMMANDS[args.command](args)
     except MetrionCacheError as error:
         print(f"metrion-cache: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+LEDGER_COMMANDS = {"stats": stats_command, "ls": ls_command, "show": show_command, "purge": purge_command}
 
 
 if __name__ == "__main__":

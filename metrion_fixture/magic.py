@@ -39,9 +39,10 @@ MAGIC = "metrion_cache"
 ACTIONS = ("on", "off", "refresh", "status", "clear")
 USAGE = (
     "%metrion_cache on|off|refresh|status|clear [--url URL] [--ttl SECONDS] [--mode MODE] [--namespace NS]"
+    " [--scope SCOPE]"
     " (or %%metrion_cache [options] on the first line of a cell)"
 )
-_SESSION_OPTIONS = ("url", "ttl", "mode", "namespace")
+_SESSION_OPTIONS = ("url", "ttl", "mode", "namespace", "scope")
 _OPTIONS_TAKEN = {"on": _SESSION_OPTIONS, "off": (), "refresh": (), "status": (), "clear": ("url", "namespace")}
 
 
@@ -57,6 +58,8 @@ class CacheReport:
     refreshed: int = 0  # of from_provider: calls that replaced their cached answer
     errors: int = 0  # answered by the cache itself with an error (a replay miss, a bad header)
     saved_seconds: float = 0.0
+    saved_tokens: int = 0  # input + output tokens of the answers served from the cache
+    saved_usd: float = 0.0  # their list price, for models in the price table
 
     @property
     def calls(self) -> int:
@@ -71,6 +74,9 @@ class CacheReport:
             parts.append(f"{self.errors} refused by the cache")
         if self.from_cache:
             parts.append(f"{format_seconds(self.saved_seconds)} saved")
+        if self.saved_tokens:
+            dollars = f" (${self.saved_usd:.4f})" if self.saved_usd else ""
+            parts.append(f"{self.saved_tokens:,} tokens saved{dollars}")
         return parts
 
     @property
@@ -111,7 +117,17 @@ def format_ttl(seconds: int) -> str:
     return f"{seconds} s"
 
 
-_COUNTERS = ("hits", "misses", "refreshes", "bypassed", "errors", "saved_seconds")
+_COUNTERS = (
+    "hits",
+    "misses",
+    "refreshes",
+    "bypassed",
+    "errors",
+    "saved_seconds",
+    "saved_input_tokens",
+    "saved_output_tokens",
+    "saved_usd",
+)
 
 
 def _snapshot(ledger: Ledger) -> tuple[float, ...]:
@@ -150,13 +166,15 @@ class _Cell:
         for ledger, before in self.baseline.values():
             for i, now in enumerate(_snapshot(ledger)):
                 delta[i] += now - before[i]
-        hits, misses, refreshes, bypassed, errors, saved = delta
+        hits, misses, refreshes, bypassed, errors, saved, saved_in, saved_out, saved_usd = delta
         return CacheReport(
             from_cache=int(hits),
             from_provider=int(misses + refreshes + bypassed),
             refreshed=int(refreshes),
             errors=int(errors),
             saved_seconds=saved,
+            saved_tokens=int(saved_in + saved_out),
+            saved_usd=saved_usd,
         )
 
 
@@ -209,6 +227,12 @@ class MetrionCacheMagics(Magics):
         "with an x-metrion-cache header), replay (read only: a miss is an error)",
     )
     @argument("--namespace", metavar="NS", help="keeps these entries apart from others (default: metrion)")
+    @argument(
+        "--scope",
+        metavar="SCOPE",
+        help="shared (default: entries shared within the namespace) or credential (entries private to the "
+        "API key that paid for them)",
+    )
     @line_cell_magic
     def metrion_cache(self, line: str, cell: str | None = None) -> None:
         """Cache LLM calls (Anthropic, OpenAI and compatible SDKs, sync and async) in this kernel.
@@ -292,6 +316,7 @@ class MetrionCacheMagics(Magics):
             f"  mode       {session.mode}",
             f"  ttl        {format_ttl(session.settings.ttl)}",
             f"  namespace  {session.settings.namespace}",
+            f"  scope      {session.settings.scope}",
             f"  entries    {entries}",
             (
                 f"  calls      {stats.requests} ({stats.hits} from cache, {stats.misses} missed, "
@@ -426,7 +451,13 @@ class MetrionCacheMagics(Magics):
 
     @staticmethod
     def _session_options(args: Any) -> dict[str, Any]:
-        return {"url": args.url, "ttl": args.ttl, "mode": args.mode or "true", "namespace": args.namespace}
+        return {
+            "url": args.url,
+            "ttl": args.ttl,
+            "mode": args.mode or "true",
+            "namespace": args.namespace,
+            "scope": args.scope,
+        }
 
     @staticmethod
     def _describe(session: CacheSession) -> str:

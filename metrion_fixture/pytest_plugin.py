@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .core.directives import check_namespace, check_session_mode, check_ttl
+from .core.scope import SCOPE_ENV, check_scope
 from .errors import MetrionCacheError
 
 if TYPE_CHECKING:
@@ -41,6 +42,8 @@ WORKER_OUTPUT_KEY = "metrion_cache"
 DEFAULT_MODE = "true"
 
 _COUNTERS = ("hits", "misses", "refreshes", "bypassed", "errors", "store_errors", "stored")
+# What hits saved, from the usage kept with each entry (dollars only for models with a price).
+_SAVINGS = ("saved_input_tokens", "saved_output_tokens", "saved_usd")
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="keep this run's entries apart from others' (default: metrion). ini: metrion_cache_namespace",
     )
     group.addoption(
+        "--metrion-cache-scope",
+        dest="metrion_cache_scope",
+        metavar="SCOPE",
+        default=None,
+        help="shared (default: entries shared within the namespace) or credential (entries private to the API "
+        f"key that paid for them). ini: metrion_cache_scope; env: {SCOPE_ENV}",
+    )
+    group.addoption(
         "--metrion-cache-all",
         dest="metrion_cache_all",
         action="store_true",
@@ -97,6 +108,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("metrion_cache_url", "cache store URL (see --metrion-cache-url)", default="")
     parser.addini("metrion_cache_ttl", "TTL of new entries, e.g. 3600 or 7d (see --metrion-cache-ttl)", default="")
     parser.addini("metrion_cache_namespace", "cache namespace (see --metrion-cache-namespace)", default="")
+    parser.addini("metrion_cache_scope", "cache scope: shared or credential (see --metrion-cache-scope)", default="")
     parser.addini(
         "metrion_cache_all", "use the cache in every test (see --metrion-cache-all)", type="bool", default=False
     )
@@ -118,13 +130,13 @@ def _describe(setting: Setting, name: str) -> str:
     where = {
         "command line": f"--metrion-cache{'' if name == 'mode' else '-' + name}",
         "ini": f"ini option metrion_cache_{name}",
-        "environment": f"${URL_ENV if name == 'url' else MODE_ENV}",
+        "environment": "$" + {"url": URL_ENV, "scope": SCOPE_ENV}.get(name, MODE_ENV),
         "marker": f"@pytest.mark.{MARKER}({name}=...)",
     }
     return where.get(setting.source, name)
 
 
-_CHECKS = {"mode": check_session_mode, "ttl": check_ttl, "namespace": check_namespace}
+_CHECKS = {"mode": check_session_mode, "ttl": check_ttl, "namespace": check_namespace, "scope": check_scope}
 
 
 def _mask(url: str) -> str:
@@ -147,6 +159,7 @@ class _State:
             "url": _setting(config, "url", URL_ENV, default_url),
             "ttl": _setting(config, "ttl", None, None),
             "namespace": _setting(config, "namespace", None, None),
+            "scope": _setting(config, "scope", SCOPE_ENV, None),
         }
         for name, check in _CHECKS.items():
             setting = self.base[name]
@@ -200,7 +213,11 @@ class _State:
         if problem is None:
             try:
                 session = CacheSession(
-                    url, mode=settings["mode"].value, ttl=settings["ttl"].value, namespace=settings["namespace"].value
+                    url,
+                    mode=settings["mode"].value,
+                    ttl=settings["ttl"].value,
+                    namespace=settings["namespace"].value,
+                    scope=settings["scope"].value,
                 )
             except MetrionCacheError as error:
                 problem = f"metrion cache: {_describe(settings['url'], 'url')}: {error}"
@@ -215,8 +232,8 @@ class _State:
         """Add one test's session to the run's totals."""
         stats, calls, totals = session.stats, session.calls, self.totals
         totals["tests"] += 1
-        for name in _COUNTERS:
-            totals[name] += getattr(stats, name)
+        for name in (*_COUNTERS, *_SAVINGS):
+            totals[name] = totals.get(name, 0) + getattr(stats, name, 0)
         totals["saved_seconds"] += stats.saved_seconds
         if session.url not in totals["urls"]:
             totals["urls"].append(session.url)
@@ -237,8 +254,8 @@ class _State:
     def merge(self, other: dict[str, Any]) -> None:
         """Add an xdist worker's totals."""
         totals = self.totals
-        for name in ("tests", "without_store", "saved_seconds", *_COUNTERS):
-            totals[name] += other.get(name, 0)
+        for name in ("tests", "without_store", "saved_seconds", *_COUNTERS, *_SAVINGS):
+            totals[name] = totals.get(name, 0) + other.get(name, 0)
         for name in ("urls", "down_urls"):
             totals[name].extend(url for url in other.get(name, []) if url not in totals[name])
         for name in ("missed_tests", "replay_misses"):
@@ -429,6 +446,14 @@ def _count(number: int, word: str, plural: str | None = None) -> str:
     return f"{number} {word if number == 1 else plural or word + 's'}"
 
 
+def _token_savings(totals: dict[str, Any]) -> str:
+    saved_in, saved_out = totals.get("saved_input_tokens", 0), totals.get("saved_output_tokens", 0)
+    if not saved_in and not saved_out:
+        return ""
+    dollars = f" (${totals['saved_usd']:.4f} at list prices)" if totals.get("saved_usd") else ""
+    return f", tokens saved {saved_in:,} in / {saved_out:,} out{dollars}"
+
+
 def summary_lines(totals: dict[str, Any], *, verbose: bool) -> list[str]:
     requests = sum(totals[name] for name in ("hits", "misses", "refreshes", "bypassed", "errors"))
     parts = [
@@ -442,7 +467,7 @@ def summary_lines(totals: dict[str, Any], *, verbose: bool) -> list[str]:
     lines = [
         (
             f"{_count(totals['tests'], 'test')} used the cache: {_count(requests, 'request')}: {', '.join(parts)}; "
-            f"provider time saved {totals['saved_seconds']:.2f} s"
+            f"provider time saved {totals['saved_seconds']:.2f} s{_token_savings(totals)}"
         ),
         f"store: {', '.join(totals['urls'])}",
     ]

@@ -56,7 +56,9 @@ def make_store_url(kind: str, tmp_path, request: pytest.FixtureRequest) -> str:
 def store_url(request: pytest.FixtureRequest, tmp_path, namespace: str) -> Iterator[str]:
     url = make_store_url(request.param, tmp_path, request)
     yield url
-    open_store(url).delete_prefix(f"{namespace}:")
+    store = open_store(url)
+    store.delete_prefix(f"{namespace}:")
+    store.delete_prefix(f"_ledger:{namespace}:")
 
 
 @pytest.fixture

@@ -132,12 +132,12 @@ def test_parameters_other_than_model_and_messages_do_not_change_the_key(provider
     assert (first.cache, second.cache) == ("MISS", "HIT")
     assert second.text == first.text
     assert first.headers["x-metrion-cache-key"] == second.headers["x-metrion-cache-key"] == expected
-    # Stream is a separate stored variant but the same key.
-    assert streamed.cache == "MISS" and streamed.headers["x-metrion-cache-key"] == expected
+    # Streaming is the same key too: the stored answer is replayed as a stream (issue 4: one key, two shapes).
+    assert streamed.cache == "HIT" and streamed.headers["x-metrion-cache-key"] == expected
+    assert streamed.text == first.text
     # The parameters did reach the provider.
     assert provider.calls[0].json["temperature"] == 0.9 and provider.calls[0].json["max_tokens"] == 3
-    assert provider.calls[1].json["stream"] is True and provider.calls[1].json["temperature"] == 0.0
-    assert provider.call_count == 2
+    assert provider.call_count == 1
 
 
 @pytest.mark.parametrize("sdk", SDKS)
@@ -220,20 +220,18 @@ def test_namespaces_in_one_store_are_separate(provider, memory_url, namespace):
 
 @pytest.mark.parametrize("first_stream", [False, True], ids=["json-first", "stream-first"])
 @pytest.mark.parametrize("sdk", SDKS)
-def test_stream_and_json_are_separate_variants(provider, memory_session, sdk, first_stream):
-    """A streamed and a non-streamed request share the key but not the entry: each misses once, then hits."""
+def test_stream_and_json_answer_each_other(provider, memory_session, sdk, first_stream):
+    """A streamed and a non-streamed request share the key and the entry: the other mode is a converted hit."""
     a = call(sdk, provider.url, stream=first_stream)
     b = call(sdk, provider.url, stream=not first_stream)
     c = call(sdk, provider.url, stream=first_stream)
     d = call(sdk, provider.url, stream=not first_stream)
 
-    assert [a.cache, b.cache, c.cache, d.cache] == ["MISS", "MISS", "HIT", "HIT"]
+    assert [a.cache, b.cache, c.cache, d.cache] == ["MISS", "HIT", "HIT", "HIT"]
     assert a.text == b.text == c.text == d.text
-    assert provider.call_count == 2
+    assert provider.call_count == 1
     assert [r.stream for r in memory_session.calls] == [first_stream, not first_stream] * 2
-    assert sorted(stored_keys(memory_session)) == sorted(
-        storage_key(memory_session, sdk, MODEL[sdk], QUESTION, stream=s) for s in (False, True)
-    )
+    assert stored_keys(memory_session) == [storage_key(memory_session, sdk, MODEL[sdk], QUESTION, stream=first_stream)]
 
 
 # -- 3. the x-metrion-cache request header -----------------------------------------------------------
@@ -464,7 +462,9 @@ def recorded(provider, store_url, namespace):
     with metrion_fixture.cache(store_url, namespace=namespace):
         for sdk in SDKS:
             for stream in (False, True):
-                assert call(sdk, provider.url, stream=stream).cache == "MISS"
+                # refresh stores the stream itself instead of answering it from the stored JSON
+                headers = {"x-metrion-cache": "refresh"} if stream else None
+                assert call(sdk, provider.url, stream=stream, extra_headers=headers).cache in ("MISS", "REFRESH")
     provider.reset()
     return store_url, namespace
 
@@ -674,10 +674,14 @@ def test_requests_without_model_and_messages_are_passed_through(provider, memory
 def test_no_secret_reaches_the_store(provider, session):
     """API keys, bearer tokens, x-goog-api-key and ?key= never appear in any stored value, on every store."""
     secrets = [ANTHROPIC_KEY, OPENAI_KEY, "SECRETQUERY", "SECRETGOOG", "SECRETBEARER"]
-    for _ in range(2):
+    for round_ in range(2):
         for sdk in SDKS:
             for stream in (False, True):
-                call(sdk, provider.url, stream=stream)
+                # refresh at first: store the stream too, rather than answer it from the stored JSON
+                refresh = stream and round_ == 0
+                call(
+                    sdk, provider.url, stream=stream, extra_headers={"x-metrion-cache": "refresh"} if refresh else None
+                )
         response = raw_post(
             provider.url,
             "/v1/messages",

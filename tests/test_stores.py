@@ -16,6 +16,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from metrion_fixture import stores
 from metrion_fixture.errors import MetrionCacheError
 from metrion_fixture.stores import default_store_url, open_store
 from metrion_fixture.stores.base import Store
@@ -364,7 +365,8 @@ def test_default_store_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     ],
 )
 def test_open_store_redis_does_not_connect(url: str) -> None:
-    store = open_store(url)
+    # A fresh store, not the process-wide one for this URL that earlier tests may have used.
+    store = stores._new_store(url)
     assert isinstance(store, RedisStore)
     assert store._client is None
 

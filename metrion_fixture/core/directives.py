@@ -60,7 +60,7 @@ def parse_max_age(cache_control: str | None) -> int | None:
                 f"metrion cache: invalid Cache-Control max-age {match.group(1)!r}; "
                 "use a whole number of seconds, e.g. 'Cache-Control: max-age=3600'"
             )
-        return min(int(raw), MAX_TTL_SECONDS)
+        return min(int(raw), MAX_TTL_SECONDS) if len(raw) <= 18 else MAX_TTL_SECONDS  # int() refuses 4300+ digits
     return None
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import MetrionCacheError
-from ..formats import StreamWatcher, WireFormat
+from ..formats import StreamWatcher, Usage, WireFormat
 from .directives import (
     DEFAULT_TTL_SECONDS,
     KEY_HEADER,
@@ -30,6 +30,7 @@ from .directives import (
 )
 from .entry import CorruptEntry, Entry
 from .key import cache_key
+from .scope import check_scope, credential_tag
 
 HIT, MISS, REFRESH, BYPASS, ERROR = "HIT", "MISS", "REFRESH", "BYPASS", "ERROR"
 DEFAULT_NAMESPACE = "metrion"
@@ -70,6 +71,7 @@ class Settings:
     ttl: int = DEFAULT_TTL_SECONDS
     namespace: str = DEFAULT_NAMESPACE
     max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
+    scope: str = "shared"  # or "credential": entries private to the API key that paid for them
 
     @classmethod
     def build(
@@ -78,6 +80,7 @@ class Settings:
         ttl: int | str | None = None,
         namespace: str | None = None,
         max_entry_bytes: int | None = None,
+        scope: str | None = None,
     ) -> Settings:
         if max_entry_bytes is not None and (
             isinstance(max_entry_bytes, bool) or not isinstance(max_entry_bytes, int) or max_entry_bytes <= 0
@@ -88,6 +91,7 @@ class Settings:
             ttl=DEFAULT_TTL_SECONDS if ttl is None else check_ttl(ttl),
             namespace=DEFAULT_NAMESPACE if namespace is None else check_namespace(namespace),
             max_entry_bytes=DEFAULT_MAX_ENTRY_BYTES if max_entry_bytes is None else max_entry_bytes,
+            scope="shared" if scope is None else check_scope(scope),
         )
 
 
@@ -116,6 +120,7 @@ class Plan:
     write_ttl: int = 0  # 0: do not store
     strip: tuple[str, ...] = (MODE_HEADER,)  # request headers the provider must not see
     error: Reply | None = None
+    shape: dict[str, Any] | None = None  # request options that shape a converted answer (Prompt.shape)
 
 
 def storage_key(namespace: str, wire_format: str, variant: str, key: str) -> str:
@@ -123,7 +128,12 @@ def storage_key(namespace: str, wire_format: str, variant: str, key: str) -> str
 
 
 def plan_request(
-    settings: Settings, wire_format: WireFormat | None, path: str, headers: Mapping[str, str], body: bytes | None
+    settings: Settings,
+    wire_format: WireFormat | None,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    query: bytes | str = b"",
 ) -> Plan:
     """Decide serve / store / pass for one request.
 
@@ -142,14 +152,18 @@ def plan_request(
 
     key = cache_key(prompt.model, prompt.messages)
     variant = "stream" if prompt.stream else "json"
+    where = storage_key(settings.namespace, wire_format.name, variant, key)
+    if settings.scope == "credential":
+        where += f":cred-{credential_tag(headers, query)}"  # a keyed hash, never the credential
     base = Plan(
         outcome=BYPASS,
         wire_format=wire_format,
         model=prompt.model,
         key=key,
-        storage_key=storage_key(settings.namespace, wire_format.name, variant, key),
+        storage_key=where,
         stream=prompt.stream,
         strip=strip,
+        shape=prompt.shape,
     )
     try:
         header_mode = parse_header_mode(headers.get(MODE_HEADER))
@@ -157,7 +171,11 @@ def plan_request(
     except DirectiveError as error:
         return _with(base, outcome=ERROR, error=error_reply(base, 400, str(error)))
 
-    ttl = settings.ttl if max_age is None else max_age
+    return _decide(settings, base, header_mode, settings.ttl if max_age is None else max_age)
+
+
+def _decide(settings: Settings, base: Plan, header_mode: str | None, ttl: int) -> Plan:
+    """Read, store or pass, from the session mode and the request's own ``x-metrion-cache`` (already checked)."""
     if settings.mode == "replay" and header_mode != "false":
         # Replay locks the cache: a header cannot make a keyless CI run call the provider.
         return _with(base, outcome=MISS, read=True, read_only=True)
@@ -167,6 +185,34 @@ def plan_request(
     if mode == "refresh":
         return _with(base, outcome=REFRESH, write_ttl=ttl)
     return base  # "false" from the header, or an "off" session without a header
+
+
+def plan_prompt(
+    settings: Settings,
+    wire_format: WireFormat,
+    model: str,
+    messages: list[Any],
+    stream: bool,
+    header_mode: str | None = None,
+    credentials: Mapping[str, str] | None = None,
+) -> Plan:
+    """:func:`plan_request` for a transport that is not HTTP (gRPC): the prompt is already extracted.
+
+    ``header_mode`` is the raw ``x-metrion-cache`` value the call carries, if any; an invalid one
+    gives a plan with ``outcome=ERROR`` and ``error`` set (its status and message; the transport
+    answers it in its own error shape). ``credentials`` are the call's credential headers, for
+    ``scope="credential"``.
+    """
+    key = cache_key(model, messages)
+    where = storage_key(settings.namespace, wire_format.name, "stream" if stream else "json", key)
+    if settings.scope == "credential":
+        where += f":cred-{credential_tag(credentials or {})}"  # a keyed hash, never the credential
+    base = Plan(outcome=BYPASS, wire_format=wire_format, model=model, key=key, storage_key=where, stream=stream)
+    try:
+        mode = parse_header_mode(header_mode)
+    except DirectiveError as error:
+        return _with(base, outcome=ERROR, error=Reply(400, [], [str(error).encode()], stream=False))
+    return _decide(settings, base, mode, settings.ttl)
 
 
 def _with(plan: Plan, **changes: Any) -> Plan:
@@ -219,6 +265,39 @@ def hit_reply(plan: Plan, entry: Entry, now: float | None = None) -> Reply:
     return Reply(entry.status, headers, entry.chunks, stream=entry.stream)
 
 
+def other_variant_key(plan: Plan, namespace: str) -> str:
+    """Where the same answer in the other mode (streamed / not) would be stored."""
+    assert plan.wire_format is not None
+    own, other = ("stream", "json") if plan.stream else ("json", "stream")
+    prefix = storage_key(namespace, plan.wire_format.name, own, plan.key)
+    # Whatever follows the key (a credential scope) is kept as it is.
+    return storage_key(namespace, plan.wire_format.name, other, plan.key) + plan.storage_key[len(prefix) :]
+
+
+def converted_reply(plan: Plan, entry: Entry, now: float | None = None) -> Reply | None:
+    """A stored answer of the other mode, converted to the mode the request asked for; None if it cannot be."""
+    wire_format = plan.wire_format
+    assert wire_format is not None
+    if entry.key != plan.key or entry.stream == plan.stream or not 200 <= entry.status < 300:
+        return None
+    try:
+        if plan.stream:
+            chunks = wire_format.stream_from_body(b"".join(entry.chunks), plan.shape)
+            content_type = "text/event-stream; charset=utf-8"
+        else:
+            body = wire_format.body_from_stream(entry.chunks)
+            chunks = None if body is None else [body]
+            content_type = "application/json"
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
+        return None  # an answer the format cannot convert: a miss, never a broken answer
+    if not chunks:
+        return None
+    age = max(0, int((time.time() if now is None else now) - entry.stored_at))
+    headers = [(name, value) for name, value in entry.headers if name.lower() not in ("content-type", "cache-control")]
+    headers += [("content-type", content_type), (MODE_HEADER, HIT), (KEY_HEADER, plan.key), ("age", str(age))]
+    return Reply(entry.status, headers, chunks, stream=plan.stream)
+
+
 def replayable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(name, value) for name, value in headers if name.lower() not in _UNREPLAYED_HEADERS]
 
@@ -241,6 +320,14 @@ def wants_recording(plan: Plan, status: int) -> bool:
     return plan.write_ttl > 0 and 200 <= status < 300
 
 
+def is_json_object(body: bytes) -> bool:
+    """Whether a provider's non-streamed answer is a whole JSON object, the only kind worth storing."""
+    try:
+        return isinstance(json.loads(body), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 def is_event_stream(headers: list[tuple[str, str]]) -> bool:
     return any(
         name.lower() == "content-type" and value.split(";")[0].strip().lower() == "text/event-stream"
@@ -256,7 +343,20 @@ class Recorder:
     error event is stored. Anything over the size cap is never stored.
     """
 
-    __slots__ = ("plan", "status", "headers", "max_bytes", "started", "chunks", "size", "watcher", "broken", "done")
+    __slots__ = (
+        "plan",
+        "status",
+        "headers",
+        "max_bytes",
+        "started",
+        "chunks",
+        "size",
+        "watcher",
+        "broken",
+        "done",
+        "usage",
+        "on_usage",
+    )
 
     def __init__(self, plan: Plan, status: int, headers: list[tuple[str, str]], max_bytes: int, started: float) -> None:
         assert plan.wire_format is not None
@@ -270,6 +370,8 @@ class Recorder:
         self.watcher = StreamWatcher(plan.wire_format)
         self.broken = False
         self.done = False
+        self.usage: Usage | None = None  # what the answer reports, read once when it is stored
+        self.on_usage: Callable[[Usage | None], None] | None = None  # told when a stream's usage is known
 
     def feed(self, chunk: bytes) -> None:
         if self.broken or not chunk:
@@ -294,15 +396,19 @@ class Recorder:
         complete = self.watcher.ended or (reached_eof and not self.plan.wire_format.has_stream_terminator)
         if self.broken or self.watcher.failed or not complete:
             return None
-        return self._entry(self.chunks, stream=True, now_monotonic=now_monotonic)
+        value = self._entry(self.chunks, stream=True, now_monotonic=now_monotonic)
+        if self.on_usage is not None:
+            self.on_usage(self.usage)
+        return value
 
     def finish_body(self, body: bytes, now_monotonic: float) -> bytes | None:
-        if len(body) > self.max_bytes:
-            return None
+        if len(body) > self.max_bytes or not is_json_object(body):
+            return None  # too big, or not a whole JSON answer (truncated, HTML from a gateway...)
         return self._entry([body], stream=False, now_monotonic=now_monotonic)
 
     def _entry(self, chunks: list[bytes], *, stream: bool, now_monotonic: float) -> bytes:
         assert self.plan.wire_format is not None
+        self.usage = read_usage(self.plan.wire_format, chunks, stream)
         return Entry(
             status=self.status,
             headers=self.headers,
@@ -314,4 +420,14 @@ class Recorder:
             wire_format=self.plan.wire_format.name,
             key=self.plan.key,
             provider_seconds=round(now_monotonic - self.started, 6),
+            # Kept with the entry so a hit knows what it saved without parsing the answer.
+            extra={"usage": self.usage.as_dict()} if self.usage is not None else {},
         ).encode()
+
+
+def read_usage(wire_format: WireFormat, chunks: list[bytes], stream: bool) -> Usage | None:
+    """The usage an answer reports; None, never an exception, when it cannot be read."""
+    try:
+        return wire_format.usage(chunks, stream)
+    except Exception:  # noqa: BLE001 - an odd answer must still be stored and served
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,6 +26,15 @@ class CallRecord:
     http_status: int
     saved_seconds: float = 0.0  # on a hit: how long the provider took for the stored answer
     at: float = 0.0  # wall-clock time of the request
+    # Usage and cost. None: unknown (not reported, a bypassed call, or a model without a price).
+    # A hit spends 0 tokens and $0.00; the saved_* fields are what the stored answer cost.
+    provider: str = ""
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: float | None = None
+    saved_input_tokens: int = 0
+    saved_output_tokens: int = 0
+    saved_usd: float | None = None
 
 
 @dataclass
@@ -35,8 +45,16 @@ class Stats:
     bypassed: int = 0
     errors: int = 0  # answers the cache gave itself as errors (bad header, replay miss)
     store_errors: int = 0  # store reads or writes that failed; the request went on without cache
+    store_skipped: int = 0  # of those, the ones skipped while the store's circuit breaker was open
     stored: int = 0  # entries written
     saved_seconds: float = 0.0
+    input_tokens: int = 0  # spent: what the provider reported for the answers it gave
+    output_tokens: int = 0
+    cost_usd: float = 0.0  # of the calls whose model has a price
+    saved_input_tokens: int = 0  # what hits did not spend
+    saved_output_tokens: int = 0
+    saved_usd: float = 0.0
+    unpriced: int = 0  # calls with tokens but no price for their model: "cost unknown", not in the dollars
 
     @property
     def requests(self) -> int:
@@ -59,13 +77,45 @@ class Ledger:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self.calls: deque[CallRecord] = deque(maxlen=self.max_records)
+        self.sink: Any = None  # the ledger in the store (metrion_fixture.ledger.StoredLedger), if any
 
-    def record(self, record: CallRecord) -> None:
+    def record(self, record: CallRecord) -> CallRecord:
         with self._lock:
             counter = _COUNTER[record.status]
             setattr(self.stats, counter, getattr(self.stats, counter) + 1)
             self.stats.saved_seconds += record.saved_seconds
+            self._add_usage(record, 1)
             self.calls.append(record)
+        if self.sink is not None:
+            self.sink.add(record)
+        return record
+
+    def amend(self, record: CallRecord, **changes: Any) -> CallRecord:
+        """Complete a record once its stream ended (tokens and cost are known only then)."""
+        amended = dataclasses.replace(record, **changes)
+        with self._lock:
+            self._add_usage(record, -1)
+            self._add_usage(amended, 1)
+            for index in range(len(self.calls) - 1, -1, -1):  # recent: found near the end
+                if self.calls[index] is record:
+                    self.calls[index] = amended
+                    break
+        if self.sink is not None:
+            self.sink.replace(record, amended)
+        return amended
+
+    def _add_usage(self, record: CallRecord, sign: int) -> None:
+        stats = self.stats
+        stats.input_tokens += sign * (record.input_tokens or 0)
+        stats.output_tokens += sign * (record.output_tokens or 0)
+        stats.cost_usd += sign * (record.cost_usd or 0.0)
+        stats.saved_input_tokens += sign * record.saved_input_tokens
+        stats.saved_output_tokens += sign * record.saved_output_tokens
+        stats.saved_usd += sign * (record.saved_usd or 0.0)
+        if record.cost_usd is None and record.input_tokens is not None:
+            stats.unpriced += sign
+        elif record.saved_usd is None and record.saved_input_tokens:
+            stats.unpriced += sign
 
     def count(self, counter: str) -> None:
         with self._lock:

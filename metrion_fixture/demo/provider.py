@@ -1,4 +1,6 @@
-"""A simulated Anthropic / OpenAI provider on loopback, for the offline demo and the test suite.
+"""A simulated LLM provider on loopback: Anthropic, OpenAI Chat and Responses, Gemini, Mistral.
+
+For the offline demo and the test suite.
 
 Stdlib only. Failure modes are chosen per request with the ``x-simulate`` header (comma-separated,
 e.g. ``gzip, cut-stream``): ``status-500``, ``status-429``, ``status-400``, ``cut-stream``,
@@ -31,7 +33,9 @@ DELIVERY_ANSWER = (
 )
 _BIG_SIZE = 2 * 1024 * 1024
 _MAX_DELTAS = 64  # one delta per word, except that the 2 MiB answer is batched into this many
-_ENDPOINTS = {"anthropic": "/v1/messages", "openai": "/chat/completions"}  # path suffixes
+_ENDPOINTS = {"anthropic": "/v1/messages", "openai": "/chat/completions", "responses": "/responses"}  # path suffixes
+_GEMINI_METHODS = (":generateContent", ":streamGenerateContent")
+_GEMINI_STATUS = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL"}
 _ERRORS = {  # status -> (Anthropic error type, OpenAI error type, message)
     400: ("invalid_request_error", "invalid_request_error", "Simulated invalid request."),
     404: ("not_found_error", "not_found_error", "Not found."),
@@ -69,6 +73,47 @@ def _text_of(content: Any) -> str:
         blocks = (b for b in content if isinstance(b, dict) and b.get("type") == "text")
         return " ".join(str(b.get("text", "")) for b in blocks)
     return ""
+
+
+def _kind(path: str) -> str:
+    """Which simulated API a path belongs to, or "" for none."""
+    path = path.rstrip("/")
+    if "/models/" in path and path.endswith(_GEMINI_METHODS):
+        return "gemini"
+    return next((k for k, suffix in _ENDPOINTS.items() if path.endswith(suffix)), "")
+
+
+def _gemini_text(content: Any) -> str:
+    parts = content.get("parts") if isinstance(content, dict) else None
+    return " ".join(str(p.get("text", "")) for p in parts or [] if isinstance(p, dict))
+
+
+def _responses_text(item: Any) -> str:
+    if isinstance(item, str):
+        return item
+    content = item.get("content") if isinstance(item, dict) else None
+    if isinstance(content, list):
+        return " ".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
+    return _text_of(content)
+
+
+def _question_and_prompt(kind: str, req: dict[str, Any]) -> tuple[str, list[str]]:
+    """The last user question and every prompt text of a request, whatever its API."""
+    if kind == "gemini":
+        contents = [c for c in req.get("contents") or [] if isinstance(c, dict)]
+        users = [c for c in contents if c.get("role", "user") == "user"]
+        system = _gemini_text(req.get("systemInstruction") or req.get("system_instruction"))
+        return (_gemini_text(users[-1]) if users else ""), [system] + [_gemini_text(c) for c in contents]
+    if kind == "responses":
+        given = req.get("input")
+        items = [given] if isinstance(given, str) else [i for i in given or [] if isinstance(i, (str, dict))]
+        users = [i for i in items if isinstance(i, str) or i.get("role", "user") == "user"]
+        texts = [_text_of(req.get("instructions"))] + [_responses_text(i) for i in items]
+        return (_responses_text(users[-1]) if users else ""), texts
+    messages = [m for m in req.get("messages") or [] if isinstance(m, dict)]
+    user_turns = [m for m in messages if m.get("role") == "user"]
+    question = _text_of(user_turns[-1].get("content")) if user_turns else ""
+    return question, [_text_of(req.get("system"))] + [_text_of(m.get("content")) for m in messages]
 
 
 def _count_words(texts: Iterable[str]) -> int:
@@ -162,8 +207,7 @@ class _Handler(BaseHTTPRequestHandler):
         modes = {m.strip().lower() for m in headers.get("x-simulate", "").split(",") if m.strip()}
         self._gzip = "gzip" in modes  # reset per request: the handler outlives it on keep-alive
 
-        path = url.path.rstrip("/")
-        kind = next((k for k, suffix in _ENDPOINTS.items() if path.endswith(suffix)), "")
+        kind = _kind(url.path)
         if not kind or self.command != "POST":
             return self._send_error(404, kind or "anthropic", f"No route for {self.command} {url.path}")
         if provider.latency:
@@ -173,13 +217,13 @@ class _Handler(BaseHTTPRequestHandler):
         for status in (500, 429, 400):
             if f"status-{status}" in modes:
                 return self._send_error(status, kind, _ERRORS[status][2])
-        messages = [m for m in parsed.get("messages") or [] if isinstance(m, dict)]
-        user_turns = [m for m in messages if m.get("role") == "user"]
-        question = _text_of(user_turns[-1].get("content")) if user_turns else ""
+        question, prompt = _question_and_prompt(kind, parsed)
         answer = make_answer(question, big="big" in modes)
-        prompt = [_text_of(parsed.get("system"))] + [_text_of(m.get("content")) for m in messages]
         tokens = (_count_words(prompt), len(answer.split()))
-        (self._anthropic if kind == "anthropic" else self._openai)(parsed, answer, tokens, modes)
+        if kind == "gemini":
+            return self._gemini(url.path, parsed, answer, tokens, modes)
+        handler = {"anthropic": self._anthropic, "responses": self._responses}.get(kind, self._openai)
+        handler(parsed, answer, tokens, modes)
 
     # -- Anthropic Messages and OpenAI Chat Completions ----------------------------------------------
 
@@ -249,14 +293,108 @@ class _Handler(BaseHTTPRequestHandler):
             choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
             return _sse(None, {**chunk, "choices": [choice]})
 
+        # Mistral (same wire shape) always puts the usage on the chunk that finishes the answer.
+        mistral = str(req.get("model", "")).startswith(("mistral", "ministral", "codestral", "magistral"))
         events = [
             delta({"role": "assistant", "content": "", "refusal": None}),
             *(delta({"content": p}) for p in _pieces(answer)),
-            delta({}, "stop"),
+            *(
+                [_sse(None, {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage})]
+                if mistral
+                else [delta({}, "stop")]
+            ),
             *([_sse(None, {**chunk, "choices": [], "usage": usage})] if include_usage else []),
             _sse(None, "[DONE]"),
         ]
         error = _sse(None, {"error": {"message": "server had an error", "type": "server_error"}})
+        self._send_stream(*_cut(events, error, modes), headers)
+
+    # -- OpenAI Responses and Gemini ---------------------------------------------------------------
+
+    def _responses(self, req: dict[str, Any], answer: str, tokens: tuple[int, int], modes: set[str]) -> None:
+        usage = {
+            "input_tokens": tokens[0],
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": tokens[1],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": sum(tokens),
+        }
+        item_id = f"msg_{uuid.uuid4().hex[:24]}"
+        response: dict[str, Any] = {
+            "id": f"resp_{uuid.uuid4().hex[:24]}",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "error": None,
+            "incomplete_details": None,
+            "instructions": req.get("instructions"),
+            "model": str(req.get("model", "gpt-simulated")),
+            "output": [],
+            "parallel_tool_calls": True,
+            "previous_response_id": req.get("previous_response_id"),
+            "temperature": 1.0,
+            "tool_choice": "auto",
+            "tools": [],
+            "top_p": 1.0,
+            "usage": None,
+            "metadata": {},
+        }
+        part = {"type": "output_text", "text": answer, "annotations": []}
+        item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+        done = {**response, "output": [item], "usage": usage}
+        headers = self._headers("x-request-id", "x-ratelimit-remaining-requests")
+        if not req.get("stream"):
+            return self._send_json(200, done, headers, cut="cut-stream" in modes)
+
+        sequence = iter(range(1_000_000))
+
+        def event(name: str, **data: Any) -> bytes:
+            return _sse(name, {"type": name, "sequence_number": next(sequence), **data})
+
+        opened = {**response, "status": "in_progress"}
+        at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        events = [
+            event("response.created", response=opened),
+            event("response.in_progress", response=opened),
+            event("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []}),
+            event("response.content_part.added", **at, part={**part, "text": ""}),
+            *(event("response.output_text.delta", **at, delta=p, logprobs=[]) for p in _pieces(answer)),
+            event("response.output_text.done", **at, text=answer, logprobs=[]),
+            event("response.content_part.done", **at, part=part),
+            event("response.output_item.done", output_index=0, item=item),
+            event("response.completed", response=done),
+        ]
+        error = event("error", code="server_error", message="server had an error", param=None)
+        self._send_stream(*_cut(events, error, modes), headers)
+
+    def _gemini(self, path: str, req: dict[str, Any], answer: str, tokens: tuple[int, int], modes: set[str]) -> None:
+        model = path.rstrip("/").rpartition(":")[0].rpartition("/")[2]
+        thoughts = 7 if "thinking" in model else 0
+        usage = {
+            "promptTokenCount": tokens[0],
+            "candidatesTokenCount": tokens[1],
+            "totalTokenCount": sum(tokens) + thoughts,
+            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": tokens[0]}],
+            **({"thoughtsTokenCount": thoughts} if thoughts else {}),
+        }
+        base = {"modelVersion": model, "responseId": uuid.uuid4().hex[:22]}
+        headers = {"x-goog-request-id": uuid.uuid4().hex, "server-timing": "gfet4t7; dur=1"}
+
+        def candidate(text: str, finish: str | None = None) -> dict[str, Any]:
+            found = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
+            return {**found, "finishReason": finish} if finish else found
+
+        if not path.endswith(":streamGenerateContent"):
+            body = {"candidates": [candidate(answer, "STOP")], "usageMetadata": usage, **base}
+            return self._send_json(200, body, headers, cut="cut-stream" in modes)
+        pieces = _pieces(answer)
+        running = {"promptTokenCount": tokens[0], "totalTokenCount": tokens[0]}
+        events = [_sse(None, {"candidates": [candidate(p)], "usageMetadata": running, **base}) for p in pieces[:-1]] + [
+            _sse(None, {"candidates": [candidate(pieces[-1], "STOP")], "usageMetadata": usage, **base})
+        ]
+        error = _sse(None, {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}})
+        if "no-terminator" in modes:  # Gemini has no terminator: the closest failure is a cut
+            modes = {*modes, "cut-stream"}
         self._send_stream(*_cut(events, error, modes), headers)
 
     # -- response writing ----------------------------------------------------------------------
@@ -296,8 +434,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_error(self, status: int, kind: str, message: str) -> None:
         anthropic_type, openai_type, _ = _ERRORS[status]
-        if kind == "anthropic":
-            obj: dict[str, Any] = {"type": "error", "error": {"type": anthropic_type, "message": message}}
+        if kind == "gemini":
+            obj: dict[str, Any] = {"error": {"code": status, "message": message, "status": _GEMINI_STATUS[status]}}
+            extra = {"x-goog-request-id": uuid.uuid4().hex}
+        elif kind == "anthropic":
+            obj = {"type": "error", "error": {"type": anthropic_type, "message": message}}
             extra = {"request-id": f"req_{uuid.uuid4().hex[:24]}"}
         else:
             obj = {"error": {"message": message, "type": openai_type, "param": None, "code": None}}
@@ -333,7 +474,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class SimulatedProvider:
-    """An Anthropic Messages + OpenAI Chat Completions look-alike served from daemon threads."""
+    """An Anthropic Messages, OpenAI Chat Completions / Responses and Gemini look-alike served from daemon threads."""
 
     def __init__(
         self, *, latency: float = 0.0, chunk_delay: float = 0.0, host: str = "127.0.0.1", port: int = 0
@@ -386,10 +527,9 @@ class SimulatedProvider:
 
     @property
     def call_count(self) -> int:
-        """POSTs to the two LLM endpoints, whatever their outcome."""
-        suffixes = tuple(_ENDPOINTS.values())
+        """POSTs to the LLM endpoints, whatever their outcome."""
         with self._lock:
-            return sum(c.method == "POST" and c.path.rstrip("/").endswith(suffixes) for c in self.calls)
+            return sum(c.method == "POST" and bool(_kind(c.path)) for c in self.calls)
 
     def reset(self) -> None:
         with self._lock:

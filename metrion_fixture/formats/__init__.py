@@ -7,10 +7,13 @@ listing it here; the engine asks each in turn whether a request is its own.
 from __future__ import annotations
 
 from .anthropic import WIRE_FORMAT as ANTHROPIC_MESSAGES
-from .base import Prompt, StreamWatcher, WireFormat
+from .base import Prompt, StreamWatcher, Usage, WireFormat
+from .gemini import WIRE_FORMAT as GEMINI
 from .openai_chat import WIRE_FORMAT as OPENAI_CHAT
+from .openai_responses import WIRE_FORMAT as OPENAI_RESPONSES
 
-WIRE_FORMATS: tuple[WireFormat, ...] = (ANTHROPIC_MESSAGES, OPENAI_CHAT)
+WIRE_FORMATS: tuple[WireFormat, ...] = (ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES, GEMINI)
+FORMATS_BY_NAME: dict[str, WireFormat] = {wire_format.name: wire_format for wire_format in WIRE_FORMATS}
 
 
 def wire_format_for(method: str, path: str) -> WireFormat | None:
@@ -20,4 +23,4 @@ def wire_format_for(method: str, path: str) -> WireFormat | None:
     return None
 
 
-__all__ = ["WIRE_FORMATS", "Prompt", "StreamWatcher", "WireFormat", "wire_format_for"]
+__all__ = ["FORMATS_BY_NAME", "WIRE_FORMATS", "Prompt", "StreamWatcher", "Usage", "WireFormat", "wire_format_for"]

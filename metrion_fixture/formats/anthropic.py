@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from .base import Prompt, WireFormat, chat_prompt
+from .base import Prompt, Usage, WireFormat, chat_prompt, dump, json_object, json_payloads, number, sse, sse_events
 
 _ERROR_TYPES = {400: "invalid_request_error", 504: "timeout_error"}
 
 
 class AnthropicMessages(WireFormat):
     name = "anthropic_messages"
+    provider = "anthropic"
 
     def matches(self, method: str, path: str) -> bool:
         return method == "POST" and path.rstrip("/").endswith("/messages")
@@ -31,6 +33,126 @@ class AnthropicMessages(WireFormat):
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         return {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message}}
+
+    def usage(self, chunks: list[bytes], stream: bool) -> Usage | None:
+        # A stream reports it in message_start, then the totals so far in each message_delta.
+        found: dict[str, Any] = {}
+        for payload in json_payloads(chunks, stream):
+            if not isinstance(payload, dict):
+                continue
+            message = payload.get("message") if payload.get("type") == "message_start" else payload
+            usage = message.get("usage") if isinstance(message, dict) else None
+            if isinstance(usage, dict):
+                found.update({name: value for name, value in usage.items() if value is not None})
+        if not found:
+            return None
+        cache_write, cache_read = (
+            number(found.get("cache_creation_input_tokens")),
+            number(found.get("cache_read_input_tokens")),
+        )
+        return Usage(
+            # Anthropic counts cached prompt tokens apart from input_tokens.
+            input_tokens=number(found.get("input_tokens")) + cache_write + cache_read,
+            output_tokens=number(found.get("output_tokens")),
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
+        )
+
+    def stream_from_body(self, body: bytes, shape: dict[str, Any] | None) -> list[bytes] | None:
+        return _stream_from_message(json_object(body))
+
+    def body_from_stream(self, chunks: list[bytes]) -> bytes | None:
+        return _message_from_stream(chunks)
+
+
+# Content blocks as they open in a stream, and the delta that fills each in.
+_OPENINGS = {
+    "text": lambda block: ({**block, "text": ""}, [{"type": "text_delta", "text": block["text"]}]),
+    "tool_use": lambda block: (
+        {**block, "input": {}},
+        [{"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}],
+    ),
+    "server_tool_use": lambda block: (
+        {**block, "input": {}},
+        [{"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}],
+    ),
+    "thinking": lambda block: (
+        {**block, "thinking": "", "signature": ""},
+        [{"type": "thinking_delta", "thinking": block["thinking"]}]
+        + ([{"type": "signature_delta", "signature": block["signature"]}] if block.get("signature") else []),
+    ),
+    "redacted_thinking": lambda block: (block, []),
+}
+
+
+def _stream_from_message(message: dict[str, Any]) -> list[bytes] | None:
+    if message.get("type") != "message" or not isinstance(message.get("content"), list):
+        return None
+    usage = dict(message.get("usage") or {})
+    start = {
+        **message,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {**usage, "output_tokens": 1},
+    }
+    events = [sse("message_start", {"type": "message_start", "message": start})]
+    for index, block in enumerate(message["content"]):
+        opening = _OPENINGS.get(block.get("type")) if isinstance(block, dict) else None
+        if opening is None or block.get("citations"):
+            return None  # a block we cannot stream faithfully: the caller gets the provider instead
+        first, deltas = opening(block)
+        events.append(
+            sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": first})
+        )
+        for delta in deltas:
+            events.append(sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}))
+        events.append(sse("content_block_stop", {"type": "content_block_stop", "index": index}))
+    delta = {"stop_reason": message.get("stop_reason"), "stop_sequence": message.get("stop_sequence")}
+    events.append(sse("message_delta", {"type": "message_delta", "delta": delta, "usage": usage}))
+    events.append(sse("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def _message_from_stream(chunks: list[bytes]) -> bytes | None:
+    message: dict[str, Any] | None = None
+    blocks: dict[int, dict[str, Any]] = {}
+    partial_json: dict[int, str] = {}
+    for event, data in sse_events(chunks):
+        if event in ("ping", "content_block_stop", "message_stop"):
+            continue
+        payload = json_object(data)
+        if event == "message_start":
+            message = dict(payload["message"])
+        elif event == "content_block_start":
+            blocks[payload["index"]] = dict(payload["content_block"])
+        elif event == "content_block_delta":
+            index, delta = payload["index"], payload["delta"]
+            block, kind = blocks[index], delta.get("type")
+            if kind == "text_delta":
+                block["text"] += delta["text"]
+            elif kind == "input_json_delta":
+                partial_json[index] = partial_json.get(index, "") + delta["partial_json"]
+            elif kind == "thinking_delta":
+                block["thinking"] += delta["thinking"]
+            elif kind == "signature_delta":
+                block["signature"] = delta["signature"]
+            elif kind == "citations_delta":
+                block.setdefault("citations", []).append(delta["citation"])
+            else:
+                return None
+        elif event == "message_delta" and message is not None:
+            message.update(payload.get("delta") or {})
+            usage = {name: value for name, value in (payload.get("usage") or {}).items() if value is not None}
+            message["usage"] = {**(message.get("usage") or {}), **usage}
+        else:
+            return None  # an event this module does not know: do not guess
+    if message is None:
+        return None
+    for index, text in partial_json.items():
+        blocks[index]["input"] = json.loads(text) if text else {}
+    message["content"] = [blocks[index] for index in sorted(blocks)]
+    return dump(message)
 
 
 WIRE_FORMAT = AnthropicMessages()

@@ -13,7 +13,8 @@ __all__ = ["MetrionCacheError", "Store", "default_store_url", "open_store"]
 
 _ACCEPTED = (
     "accepted: memory://[NAME], sqlite:///relative/path or sqlite:////absolute/path, "
-    "redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS), unix:///path/to/redis.sock; "
+    "redis://[:PASSWORD@]HOST[:PORT][/DB], rediss://... (TLS), unix:///path/to/redis.sock, "
+    "redis+cluster://HOST:PORT (any node of a Redis Cluster); "
     "for example sqlite:///.metrion_cache/cache.sqlite3 or redis://localhost:6379/0"
 )
 # One store object per URL in a process: sessions are cheap (one per test, per cell),
@@ -50,6 +51,13 @@ def _new_store(url: str) -> Store:
         from metrion_fixture.stores.sqlite import SQLiteStore
 
         return SQLiteStore(Path(rest[1:]).absolute())
+    if sep and scheme in ("redis+cluster", "rediss+cluster"):
+        from metrion_fixture.stores.redis import RedisClusterStore, cluster_node_url, mask_url, url_problem
+
+        problem = url_problem(cluster_node_url(url))
+        if problem:
+            raise MetrionCacheError(f"Bad Redis Cluster URL {mask_url(url)!r}: {problem}; {_ACCEPTED}.")
+        return RedisClusterStore(url)
     if sep and scheme in ("redis", "rediss", "unix"):
         from metrion_fixture.stores.redis import RedisStore, mask_url, url_problem
 

@@ -9,6 +9,8 @@ expires ``ttl_seconds`` after the write.
 from __future__ import annotations
 
 import abc
+import threading
+import time
 
 
 class Store(abc.ABC):
@@ -42,6 +44,44 @@ class Store(abc.ABC):
     def keys(self, prefix: str) -> list[str]:
         """Every live key that starts with ``prefix`` (for tools, not the hot path)."""
 
+    # Single-flight locks: one caller computes an entry while the others wait for it. A lock
+    # expires by itself, so a holder that dies never blocks anyone for longer than ``ttl_ms``.
+    # The defaults hold locks in this process only (right for memory://); shared stores override
+    # them so that processes sharing the store also share the locks.
+    def acquire(self, key: str, token: str, ttl_ms: int) -> bool:
+        """Take the lock ``key`` for ``token`` unless someone holds it; True if taken."""
+        now = time.monotonic()
+        with _local_locks_guard:
+            locks = _local_locks.setdefault(id(self), {})
+            held = locks.get(key)
+            if held is not None and held[1] > now:
+                return False
+            locks[key] = (token, now + ttl_ms / 1000)
+            return True
+
+    def release(self, key: str, token: str) -> None:
+        """Release the lock ``key`` if ``token`` still holds it (an expired, re-taken lock is left alone)."""
+        with _local_locks_guard:
+            locks = _local_locks.get(id(self), {})
+            held = locks.get(key)
+            if held is not None and held[0] == token:
+                del locks[key]
+
+    def locked(self, key: str) -> bool:
+        """Whether someone holds the lock ``key`` now."""
+        with _local_locks_guard:
+            held = _local_locks.get(id(self), {}).get(key)
+            return held is not None and held[1] > time.monotonic()
+
+    async def aacquire(self, key: str, token: str, ttl_ms: int) -> bool:
+        return self.acquire(key, token, ttl_ms)
+
+    async def arelease(self, key: str, token: str) -> None:
+        self.release(key, token)
+
+    async def alocked(self, key: str) -> bool:
+        return self.locked(key)
+
     async def aget(self, key: str) -> bytes | None:
         return self.get(key)
 
@@ -54,3 +94,8 @@ class Store(abc.ABC):
     async def aclose(self) -> None:
         """``close`` from async code, where clients bound to the running loop can close cleanly."""
         self.close()
+
+
+# In-process locks of the stores that do not share them (keyed by store id; stores live as long as the process).
+_local_locks: dict[int, dict[str, tuple[str, float]]] = {}
+_local_locks_guard = threading.Lock()

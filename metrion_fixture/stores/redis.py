@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import re
 import threading
 import weakref
@@ -13,8 +14,10 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.retry
 import redis.backoff
+import redis.cluster
 import redis.connection
 import redis.retry
 
@@ -31,6 +34,9 @@ _DEFAULTS: dict[str, Any] = {
     "health_check_interval": 30,
 }
 _BATCH = 500
+_IDLE_MAX = 64  # idle connections get() keeps; more concurrent threads open and close their own
+# Delete a lock only if it still holds our token: an expired lock re-taken by another caller stays.
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 _USERINFO = re.compile(r"^([^:/?#]+://)([^/?#]*)@")
 _QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
@@ -86,20 +92,26 @@ class RedisStore(Store):
         self.url = mask_url(url)
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None
+        self._idle: list[redis.connection.AbstractConnection] = []  # for get(): see there
+        self._idle_pid = os.getpid()
         self._aclients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, AsyncGenerator[None, None]]
         ] = weakref.WeakKeyDictionary()
         self._closing: set[asyncio.Future[Any]] = set()
 
+    def _new_client(self) -> Any:
+        return redis.Redis.from_url(self._raw_url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), **_DEFAULTS)
+
+    def _new_async_client(self) -> Any:
+        return redis.asyncio.Redis.from_url(
+            self._raw_url, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **_DEFAULTS
+        )
+
     def _sync(self) -> redis.Redis:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = redis.Redis.from_url(
-                        self._raw_url,
-                        retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
-                        **_DEFAULTS,
-                    )
+                    self._client = self._new_client()
         return self._client
 
     async def _async(self) -> redis.asyncio.Redis:
@@ -114,18 +126,41 @@ class RedisStore(Store):
             # finished loop alive forever: drop clients of closed loops.
             for old in [old for old in self._aclients if old.is_closed()]:
                 del self._aclients[old]
-            client = redis.asyncio.Redis.from_url(
-                self._raw_url,
-                retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0),
-                **_DEFAULTS,
-            )
+            client = self._new_async_client()
             closer = _close_at_loop_shutdown(client)
             self._aclients[loop] = (client, closer)
         await closer.__anext__()  # the first step registers it with the loop's asyncgen hooks
         return client
 
     def get(self, key: str) -> bytes | None:
-        value: bytes | None = self._sync().get(key)
+        # The hit path: one GET on a connection of our own idle stack, skipping the client's
+        # per-command machinery (pool lock and socket poll, retry and metrics wrappers), which
+        # costs about as much as the round trip itself. Same connections, options and errors.
+        client = self._sync()
+        if type(client) is not redis.Redis:  # a cluster client routes each key itself
+            value: bytes | None = client.get(key)
+            return value
+        pool = client.connection_pool
+        idle = self._idle
+        if self._idle_pid != os.getpid():  # after fork(): never touch the parent's sockets
+            idle = self._idle = []
+            self._idle_pid = os.getpid()
+        try:
+            conn = idle.pop()
+        except IndexError:
+            conn = pool.make_connection()
+        try:
+            conn.send_command("GET", key)
+            value = conn.read_response()
+        except BaseException:
+            # Whatever broke (timeout, reset, interrupt), the connection may hold half a reply.
+            conn.disconnect()
+            raise
+        finally:
+            if len(idle) < _IDLE_MAX:
+                idle.append(conn)
+            else:
+                conn.disconnect()
         return value
 
     def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
@@ -137,6 +172,25 @@ class RedisStore(Store):
 
     async def aset(self, key: str, value: bytes, ttl_seconds: int) -> None:
         await (await self._async()).set(key, value, ex=ttl_seconds)
+
+    # Single-flight locks shared by every process on this Redis: SET NX PX, released only by their holder.
+    def acquire(self, key: str, token: str, ttl_ms: int) -> bool:
+        return bool(self._sync().set(key, token, nx=True, px=max(1, ttl_ms)))
+
+    def release(self, key: str, token: str) -> None:
+        self._sync().eval(_RELEASE, 1, key, token)
+
+    def locked(self, key: str) -> bool:
+        return bool(self._sync().exists(key))
+
+    async def aacquire(self, key: str, token: str, ttl_ms: int) -> bool:
+        return bool(await (await self._async()).set(key, token, nx=True, px=max(1, ttl_ms)))
+
+    async def arelease(self, key: str, token: str) -> None:
+        await (await self._async()).eval(_RELEASE, 1, key, token)
+
+    async def alocked(self, key: str) -> bool:
+        return bool(await (await self._async()).exists(key))
 
     def ttl(self, key: str) -> float | None:
         ms: int = self._sync().pttl(key)
@@ -166,9 +220,13 @@ class RedisStore(Store):
     def close(self) -> None:
         with self._lock:
             client, self._client = self._client, None
+            idle, self._idle = self._idle, []
             aclients, self._aclients = list(self._aclients.items()), weakref.WeakKeyDictionary()
         if client is not None:
             client.close()
+        if self._idle_pid == os.getpid():
+            for conn in idle:
+                conn.disconnect()
         try:
             running = asyncio.get_running_loop()
         except RuntimeError:
@@ -193,3 +251,42 @@ class RedisStore(Store):
         if entry is not None:
             await entry[1].aclose()
         self.close()
+
+
+def cluster_node_url(url: str) -> str:
+    """``redis+cluster://HOST:PORT`` as the ``redis://`` URL of its first node (``rediss+cluster`` → ``rediss``)."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme.removesuffix('+cluster')}://{rest}"
+
+
+class RedisClusterStore(RedisStore):
+    """A store on a Redis Cluster (``redis+cluster://HOST:PORT``, any one node; the others are discovered).
+
+    An entry is one key, so it always lives in one hash slot and is written and read
+    atomically; prefix scans and deletes visit every primary. Single-flight locks are
+    single keys too.
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__(cluster_node_url(url))
+        self.url = mask_url(url)
+
+    def _new_client(self) -> Any:
+        return redis.cluster.RedisCluster.from_url(
+            self._raw_url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), **_DEFAULTS
+        )
+
+    def _new_async_client(self) -> Any:
+        return redis.asyncio.cluster.RedisCluster.from_url(
+            self._raw_url, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **_DEFAULTS
+        )
+
+    def get(self, key: str) -> bytes | None:
+        value: bytes | None = self._sync().get(key)  # the cluster client routes each key to its node
+        return value
+
+    def _scan(self, prefix: str) -> Iterator[bytes]:
+        pattern = _GLOB_SPECIAL.sub(r"\\\1", prefix) + "*"
+        client = self._sync()
+        for node in client.get_primaries():
+            yield from client.scan_iter(match=pattern, count=1000, target_nodes=node)

@@ -17,6 +17,8 @@ _PURGE_EVERY = 1000
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS entries_expires_at ON entries (expires_at)",
+    # Single-flight locks, shared by every process that opens the file; each expires by itself.
+    "CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, token TEXT NOT NULL, expires_at REAL NOT NULL)",
 )
 
 
@@ -117,10 +119,32 @@ class SQLiteStore(Store):
         )
         if next(self._sets) % _PURGE_EVERY == 0:
             conn.execute("DELETE FROM entries WHERE expires_at <= ?", (now,))
+            conn.execute("DELETE FROM locks WHERE expires_at <= ?", (now,))
 
     async def aset(self, key: str, value: bytes, ttl_seconds: int) -> None:
         # Another process may hold the write lock for up to the busy timeout.
         await asyncio.to_thread(self.set, key, value, ttl_seconds)
+
+    def acquire(self, key: str, token: str, ttl_ms: int) -> bool:
+        conn, now = self._conn(), time.time()
+        with conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("DELETE FROM locks WHERE key = ? AND expires_at <= ?", (key, now))
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO locks (key, token, expires_at) VALUES (?, ?, ?)",
+                (key, token, now + max(1, ttl_ms) / 1000),
+            ).rowcount
+        return inserted == 1
+
+    def release(self, key: str, token: str) -> None:
+        self._conn().execute("DELETE FROM locks WHERE key = ? AND token = ?", (key, token))
+
+    def locked(self, key: str) -> bool:
+        row = self._conn().execute("SELECT 1 FROM locks WHERE key = ? AND expires_at > ?", (key, time.time()))
+        return row.fetchone() is not None
+
+    async def aacquire(self, key: str, token: str, ttl_ms: int) -> bool:
+        return await asyncio.to_thread(self.acquire, key, token, ttl_ms)
 
     def ttl(self, key: str) -> float | None:
         now = time.time()

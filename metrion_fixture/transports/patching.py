@@ -11,7 +11,10 @@ only if nobody has patched over it since.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
+import sys
 import threading
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -76,6 +79,7 @@ def install() -> None:
                 patched = _patch_for(library, cache_class, original)
                 client_class._transport_for_url = patched
                 _patched.append((client_class, original, patched))
+        _install_xai()
 
 
 def uninstall() -> None:
@@ -90,7 +94,73 @@ def uninstall() -> None:
             client_class, original, patched = _patched.pop()
             if client_class.__dict__.get("_transport_for_url") is patched:
                 client_class._transport_for_url = original
+        _uninstall_xai()
 
 
 def installed() -> bool:
     return _installs > 0
+
+
+# gRPC: the official xai-sdk makes its channels in ``Client._make_grpc_channel`` (sync and aio);
+# the patched method puts the cache's interceptors on each channel it makes while the patch is
+# installed (metrion_fixture.transports.grpc). grpc and xai_sdk are imported only if the user
+# imports xai_sdk: a client module imported later is patched by an import hook.
+_XAI_CLIENT_MODULES = {"xai_sdk.sync.client": False, "xai_sdk.aio.client": True}
+_xai_patched: list[tuple[type, Callable[..., Any], Callable[..., Any]]] = []
+
+
+def _patch_xai_module(module: Any, aio: bool) -> None:
+    """Patch one xai_sdk client module's ``Client`` (called with ``_lock`` held, while installed)."""
+    client_class = getattr(module, "Client", None)
+    original = getattr(client_class, "_make_grpc_channel", None)
+    if original is None or any(patched_class is client_class for patched_class, _, _ in _xai_patched):
+        return
+    from .grpc import wrap_make_channel
+
+    patched = wrap_make_channel(original, aio=aio)
+    client_class._make_grpc_channel = patched  # type: ignore[union-attr]
+    _xai_patched.append((client_class, original, patched))  # type: ignore[arg-type]
+
+
+class _XaiImportHook(importlib.abc.MetaPathFinder):
+    """Patches an xai_sdk client module right after it is imported, while the cache is installed."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        if name not in _XAI_CLIENT_MODULES:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module: Any) -> None:
+            exec_module(module)
+            with _lock:
+                if _installs > 0:
+                    _patch_xai_module(module, _XAI_CLIENT_MODULES[name])
+
+        spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+        return spec
+
+
+_xai_hook = _XaiImportHook()
+
+
+def _install_xai() -> None:
+    if "xai_sdk" not in sys.modules and importlib.util.find_spec("xai_sdk") is None:
+        return
+    for name, aio in _XAI_CLIENT_MODULES.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            _patch_xai_module(module, aio)
+    if _xai_hook not in sys.meta_path:
+        sys.meta_path.insert(0, _xai_hook)
+
+
+def _uninstall_xai() -> None:
+    if _xai_hook in sys.meta_path:
+        sys.meta_path.remove(_xai_hook)
+    while _xai_patched:
+        client_class, original, patched = _xai_patched.pop()
+        if client_class.__dict__.get("_make_grpc_channel") is patched:
+            client_class._make_grpc_channel = original  # type: ignore[attr-defined]

@@ -1,0 +1,125 @@
+"""Google Gemini ``generateContent``: the Developer API and Vertex AI paths.
+
+``POST .../models/{model}:generateContent`` answers with JSON,
+``POST .../models/{model}:streamGenerateContent?alt=sse`` with server-sent events.
+On Vertex the model sits under ``projects/{p}/locations/{l}/publishers/google/models/{m}``.
+The model comes from the path (the body has none), the messages are ``contents``,
+and ``systemInstruction`` counts as the first message. A Gemini stream has no end
+event: it is complete when the body ends cleanly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Prompt, Usage, WireFormat, dump, json_error_field, json_object, json_payloads, number, sse, sse_events
+
+_METHODS = {"generateContent": False, "streamGenerateContent": True}
+_STATUSES = {400: "INVALID_ARGUMENT", 504: "DEADLINE_EXCEEDED"}
+
+
+def _split(path: str) -> tuple[str, bool] | None:
+    """Model and streaming of a Gemini path, or None when the path is not a generate call."""
+    head, sep, method = path.rstrip("/").rpartition(":")
+    if not sep or method not in _METHODS:
+        return None
+    prefix, slash, model = head.rpartition("/")
+    if not slash or not model or not prefix.endswith("models"):
+        return None
+    return model, _METHODS[method]
+
+
+class Gemini(WireFormat):
+    name = "gemini"
+    provider = "google"
+    has_stream_terminator = False
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == "POST" and _split(path) is not None
+
+    def prompt(self, path: str, body: Any) -> Prompt | None:
+        found = _split(path)
+        if found is None or not isinstance(body, dict):
+            return None
+        contents = body.get("contents")
+        if not isinstance(contents, list):
+            return None
+        system = body.get("systemInstruction", body.get("system_instruction"))
+        messages = contents if system is None else [{"role": "system", "content": system}, *contents]
+        return Prompt(found[0], messages, found[1])
+
+    def stream_event(self, event: str | None, data: str) -> str | None:
+        if event == "error" or json_error_field(data):
+            return "error"
+        return None
+
+    def usage(self, chunks: list[bytes], stream: bool) -> Usage | None:
+        # Every stream chunk may carry usageMetadata, the running totals: the last one is the answer's.
+        found = None
+        for payload in json_payloads(chunks, stream):
+            if isinstance(payload, dict) and isinstance(payload.get("usageMetadata"), dict):
+                found = payload["usageMetadata"]
+        if found is None:
+            return None
+        thoughts = number(found.get("thoughtsTokenCount"))
+        return Usage(
+            input_tokens=number(found.get("promptTokenCount")) + number(found.get("toolUsePromptTokenCount")),
+            # Thoughts are billed as output but counted apart from the candidates.
+            output_tokens=number(found.get("candidatesTokenCount")) + thoughts,
+            cache_read_tokens=number(found.get("cachedContentTokenCount")),
+            reasoning_tokens=thoughts,
+        )
+
+    def stream_from_body(self, body: bytes, shape: dict[str, Any] | None) -> list[bytes] | None:
+        # A stream of one chunk holding the whole answer is a valid Gemini stream (short answers are one).
+        response = json_object(body)
+        if not isinstance(response.get("candidates"), list):
+            return None
+        return [sse(None, response, crlf=True)]
+
+    def body_from_stream(self, chunks: list[bytes]) -> bytes | None:
+        merged: dict[str, Any] = {}
+        candidates: dict[int, dict[str, Any]] = {}
+        for _, data in sse_events(chunks):
+            payload = json_object(data)
+            for name, value in payload.items():
+                if name != "candidates":
+                    merged[name] = value  # usageMetadata, modelVersion, responseId...: the last is the whole
+            for part in payload.get("candidates") or []:
+                candidate = candidates.setdefault(part.get("index", 0), {"content": {"parts": [], "role": "model"}})
+                for name, value in part.items():
+                    if name == "content":
+                        candidate["content"]["role"] = value.get("role", "model")
+                        _merge_parts(candidate["content"]["parts"], value.get("parts") or [])
+                    else:
+                        candidate[name] = value
+        if not candidates:
+            return None
+        merged["candidates"] = [candidates[index] for index in sorted(candidates)]
+        return dump({"candidates": merged.pop("candidates"), **merged})
+
+    def error_body(self, status: int, message: str) -> dict[str, Any]:
+        return {"error": {"code": status, "message": message, "status": _STATUSES.get(status, "INTERNAL")}}
+
+
+def _merge_parts(parts: list[dict[str, Any]], more: list[dict[str, Any]]) -> None:
+    """Append streamed parts; consecutive text of the same kind (answer or thought) joins into one part."""
+    for part in more:
+        last = parts[-1] if parts else None
+        if (
+            last is not None
+            and set(part) <= {"text", "thought", "thoughtSignature"}
+            and set(last) <= {"text", "thought", "thoughtSignature"}
+            and "text" in part
+            and "text" in last
+            and last.get("thought") == part.get("thought")
+            and "thoughtSignature" not in last
+        ):
+            last["text"] += part["text"]
+            if "thoughtSignature" in part:
+                last["thoughtSignature"] = part["thoughtSignature"]
+        else:
+            parts.append(dict(part))
+
+
+WIRE_FORMAT = Gemini()

@@ -1,0 +1,50 @@
+"""xAI's gRPC chat API (the official ``xai-sdk``): ``xai_api.Chat/GetCompletion`` and ``GetCompletionChunk``.
+
+It is not HTTP, so it is not listed in :data:`~metrion_fixture.formats.WIRE_FORMATS` (no URL
+matches it): :mod:`metrion_fixture.transports.grpc` intercepts the SDK's channel and plans the
+call with :func:`~metrion_fixture.core.engine.plan_prompt`. Entries hold the serialized protobuf
+responses (one for ``GetCompletion``, one per chunk for ``GetCompletionChunk``). Importing this
+module imports neither grpc nor protobuf.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Usage, WireFormat
+
+SERVICE = "/xai_api.Chat/"
+# The chat methods the cache serves, and whether they stream.
+METHODS = {SERVICE + "GetCompletion": False, SERVICE + "GetCompletionChunk": True}
+
+
+class XaiGrpc(WireFormat):
+    name = "xai_grpc"
+    provider = "xai"
+    has_stream_terminator = False  # a gRPC stream is complete when it ends with status OK
+
+    def matches(self, method: str, path: str) -> bool:
+        return False  # never an HTTP request
+
+    def error_body(self, status: int, message: str) -> dict[str, Any]:
+        return {"code": status, "error": message}
+
+    def usage(self, chunks: list[bytes], stream: bool) -> Usage | None:
+        from ..transports.grpc import response_class  # protobuf, imported only when used
+
+        found = None
+        for chunk in chunks:  # a stream reports its totals in its last chunks
+            message = response_class(stream).FromString(chunk)
+            if message.HasField("usage"):
+                found = message.usage
+        if found is None:
+            return None
+        return Usage(
+            input_tokens=found.prompt_tokens,
+            output_tokens=found.completion_tokens + found.reasoning_tokens,
+            cache_read_tokens=found.cached_prompt_text_tokens,
+            reasoning_tokens=found.reasoning_tokens,
+        )
+
+
+WIRE_FORMAT = XaiGrpc()

@@ -1,0 +1,232 @@
+"""The call ledger in the store and the metrion-cache stats / ls / show / purge commands."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+from provider_sdk_calls import call as provider_call
+from sdk_calls import call
+
+import metrion_fixture
+from metrion_fixture import ledger
+from metrion_fixture.cli import main
+from metrion_fixture.core.stats import CallRecord
+from metrion_fixture.demo.faq_bot import DEMO_NAMESPACE, run_demo
+from metrion_fixture.ledger import PREFIX, StoredLedger, read_records, retention_seconds, trim
+from metrion_fixture.stores import open_store
+
+
+@pytest.fixture
+def url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'cache.sqlite3'}"
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def stats_json(capsys, url: str, *extra: str) -> dict:
+    code, out = run(capsys, "stats", "--url", url, "--json", *extra)
+    assert code == 0
+    return json.loads(out)
+
+
+def record(**fields) -> CallRecord:
+    base = dict(
+        key="k" * 64,
+        wire_format="openai_chat",
+        model="gpt-4o",
+        status="MISS",
+        stream=False,
+        latency=0.1,
+        http_status=200,
+        at=time.time(),
+        provider="openai",
+        input_tokens=10,
+        output_tokens=5,
+        cost_usd=0.001,
+    )
+    return CallRecord(**{**base, **fields})
+
+
+# -- the ledger ---------------------------------------------------------------------------------------------
+
+
+def test_stats_add_up_to_the_call_records_of_every_session(provider, url, capsys):
+    """Calls of separate sessions on one store all reach the ledger; the totals match their records."""
+    records = []
+    for namespace in ("team-a", "team-b"):
+        with metrion_fixture.cache(url, namespace=namespace) as session:
+            call("openai", provider.url, model="gpt-4o")
+            call("openai", provider.url, model="gpt-4o")
+            call("anthropic", provider.url, model="claude-test", stream=True)
+            provider_call("gemini", provider.url, model="gemini-2.5-flash")
+        records += session.calls
+    total = stats_json(capsys, url)["total"]
+    assert total["requests"] == len(records) == 8
+    assert total["hits"] == sum(r.status == "HIT" for r in records) == 2
+    assert total["input_tokens"] == sum(r.input_tokens or 0 for r in records) > 0
+    assert total["output_tokens"] == sum(r.output_tokens or 0 for r in records) > 0
+    assert total["saved_output_tokens"] == sum(r.saved_output_tokens for r in records) > 0
+    assert total["cost_usd"] == pytest.approx(sum(r.cost_usd or 0 for r in records))
+    assert total["saved_usd"] == pytest.approx(sum(r.saved_usd or 0 for r in records)) and total["saved_usd"] > 0
+    assert total["unpriced_spent"] == 2, "claude-test has no price: unknown, not $0"
+    assert total["hit_rate"] == pytest.approx(2 / 8)
+    one = stats_json(capsys, url, "--namespace", "team-a")["total"]
+    assert one["requests"] == 4
+
+
+def test_stats_by_model_provider_and_day_and_since(url, capsys):
+    """--by groups the rows; --since keeps only the recent calls."""
+    store = open_store(url)
+    sink = StoredLedger(store, "ns", retention_seconds())
+    sink.add(record(model="gpt-4o", at=time.time() - 10 * 86400))
+    sink.add(
+        record(
+            model="gemini-2.5-flash",
+            provider="google",
+            status="HIT",
+            input_tokens=0,
+            output_tokens=0,
+            cost_usd=0.0,
+            saved_input_tokens=10,
+            saved_output_tokens=5,
+            saved_usd=0.002,
+            saved_seconds=1.5,
+        )
+    )
+    assert sink.flush() == 2
+    by_model = stats_json(capsys, url, "--by", "model")
+    assert [g["group"] for g in by_model["groups"]] == ["gemini-2.5-flash", "gpt-4o"]
+    assert [g["group"] for g in stats_json(capsys, url, "--by", "provider")["groups"]] == ["google", "openai"]
+    assert len(stats_json(capsys, url, "--by", "day")["groups"]) == 2
+    recent = stats_json(capsys, url, "--since", "7d")["total"]
+    assert (recent["requests"], recent["hits"], recent["saved_usd"], recent["saved_seconds"]) == (1, 1, 0.002, 1.5)
+    code, out = run(capsys, "stats", "--url", url, "--by", "model")
+    assert code == 0 and "hit rate" in out and "gemini-2.5-flash" in out and "$0.002" in out and "1.5 s" in out
+
+
+def test_the_ledger_expires_after_its_retention_and_can_be_turned_off(url, monkeypatch):
+    """Ledger batches expire (30 days by default, METRION_CACHE_LEDGER_RETENTION or the option); 0 keeps none."""
+    store = open_store(url)
+    assert retention_seconds() == 30 * 86400
+    monkeypatch.setenv(ledger.RETENTION_ENV, "2d")
+    session = metrion_fixture.CacheSession(url, namespace="ret")
+    session.ledger.record(record())
+    session.flush_ledger()
+    (key,) = store.keys(f"{PREFIX}ret:")
+    assert 86400 < store.ttl(key) <= 2 * 86400
+    off = metrion_fixture.CacheSession(url, namespace="off", ledger_retention=0)
+    off.ledger.record(record())
+    assert off.flush_ledger() == 0 and store.keys(f"{PREFIX}off:") == []
+    with pytest.raises(metrion_fixture.MetrionCacheError):
+        metrion_fixture.CacheSession(url, ledger_retention="soon")
+
+
+def test_the_ledger_is_bounded_oldest_batches_first(url, monkeypatch):
+    """Batches are written when full and the oldest are dropped beyond the bound."""
+    store = open_store(url)
+    monkeypatch.setattr(ledger, "BATCH_SIZE", 3)
+    sink = StoredLedger(store, "bound", retention_seconds())
+    for number in range(9):
+        sink.add(record(latency=float(number)))
+    assert sink.pending == [] and len(store.keys(f"{PREFIX}bound:")) == 3, "written in batches as they fill"
+    assert trim(store, "bound", keep=2) == 1
+    assert sorted(r["latency"] for r in read_records(store, "bound")) == [3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+
+
+def test_a_failing_store_loses_ledger_records_never_a_request(url):
+    """A ledger write that fails is counted as dropped; nothing is raised."""
+
+    class Broken:
+        def set(self, *args):
+            raise ConnectionError("down")
+
+    sink = StoredLedger(Broken(), "x", retention_seconds())
+    sink.add(record())
+    assert sink.flush() == 0 and sink.dropped == 1
+
+
+def test_stats_after_the_demo_print_the_savings(tmp_path, monkeypatch, capsys):
+    """The demo's calls are in the ledger: stats shows its hits, the tokens and the time they saved."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("METRION_CACHE_URL", raising=False)
+    rows = run_demo(latency=0.0, out=io.StringIO())
+    report = stats_json(capsys, f"sqlite:///{tmp_path / '.metrion_cache' / 'cache.sqlite3'}")
+    total = report["total"]
+    assert (total["requests"], total["hits"]) == (len(rows), 3)
+    assert total["saved_input_tokens"] == sum(r.input_tokens for r in rows if r.cache == "HIT")
+    assert total["saved_output_tokens"] > 0
+    code, out = run(capsys, "stats")
+    assert code == 0 and "tokens saved" in out and f"{total['saved_input_tokens']} in" in out
+    assert DEMO_NAMESPACE in json.dumps(
+        stats_json(capsys, f"sqlite:///{tmp_path}/.metrion_cache/cache.sqlite3", "--by", "namespace")
+    )
+
+
+# -- ls, show, purge ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def filled(provider, url):
+    """Three stored answers: two models, one of them streamed."""
+    with metrion_fixture.cache(url, namespace="fill") as session:
+        call("openai", provider.url, model="gpt-4o")
+        call("openai", provider.url, model="gpt-4o", messages=[{"role": "user", "content": "Another question?"}])
+        call("anthropic", provider.url, model="claude-test", stream=True)
+    return session
+
+
+def test_ls_lists_the_stored_answers(filled, url, capsys):
+    """ls shows every answer (model, mode, size, tokens), --model filters, --json gives the fields."""
+    code, out = run(capsys, "ls", "--url", url)
+    assert code == 0 and out.count("gpt-4o") == 2 and "claude-test" in out and "stream" in out and "3 answers" in out
+    listed = json.loads(run(capsys, "ls", "--url", url, "--model", "gpt-4o", "--json")[1])
+    assert {item["model"] for item in listed} == {"gpt-4o"} and len(listed) == 2
+    assert all(item["input_tokens"] > 0 and item["expires_in"] > 0 for item in listed)
+
+
+def test_show_prints_metadata_and_the_answer_and_no_secret(filled, url, capsys):
+    """show KEY (or its first characters) prints the metadata and the answer; API keys are never in it."""
+    key = filled.calls[-1].key
+    code, out = run(capsys, "show", "--url", url, key[:10])
+    assert code == 0 and key in out and "anthropic_messages" in out and "message_stop" in out
+    assert "sk-ant-secret-test-key" not in out and "sk-openai-secret-test-key" not in out
+    shown = json.loads(run(capsys, "show", "--url", url, "--json", filled.calls[0].key)[1])
+    assert json.loads(shown[0]["answer"])["object"] == "chat.completion"
+    assert run(capsys, "show", "--url", url, "0" * 64)[0] == 1
+
+
+def test_purge_by_model_and_age_says_what_it_removed(filled, url, capsys):
+    """purge --model and --older-than delete only what they name and say how many."""
+    code, out = run(capsys, "purge", "--url", url, "--model", "claude-test")
+    assert code == 0 and "removed 1 stored answers" in out
+    assert run(capsys, "purge", "--url", url, "--older-than", "1h")[1].startswith("metrion cache: removed 0")
+    assert [item["model"] for item in json.loads(run(capsys, "ls", "--url", url, "--json")[1])] == ["gpt-4o", "gpt-4o"]
+    assert stats_json(capsys, url)["total"]["requests"] == 3, "the ledger is kept"
+
+
+def test_purge_all_asks_first_unless_yes(filled, url, capsys, monkeypatch):
+    """purge --all asks; anything but yes (or no answer at all) deletes nothing; --yes skips the question."""
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert run(capsys, "purge", "--url", url, "--all")[0] == 1
+
+    def no_stdin(prompt):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", no_stdin)
+    assert run(capsys, "purge", "--url", url, "--all")[0] == 1
+    assert len(json.loads(run(capsys, "ls", "--url", url, "--json")[1])) == 3
+    code, out = run(capsys, "purge", "--url", url, "--all", "--yes")
+    assert code == 0 and "removed 3 stored answers" in out
+    assert json.loads(run(capsys, "ls", "--url", url, "--json")[1]) == []
+
+
+def test_bad_durations_are_refused(url, capsys):
+    """A --since that is not a duration is a clear error, exit code 2."""
+    assert main(["stats", "--url", url, "--since", "lately"]) == 2
+    assert "--since" in capsys.readouterr().err
