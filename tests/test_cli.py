@@ -11,7 +11,7 @@ from provider_sdk_calls import call as provider_call
 from sdk_calls import call
 
 import metrion_fixture
-from metrion_fixture import ledger
+from metrion_fixture import ledger, prices
 from metrion_fixture.cli import main
 from metrion_fixture.core.stats import CallRecord
 from metrion_fixture.demo.faq_bot import DEMO_NAMESPACE, run_demo
@@ -161,6 +161,10 @@ def test_stats_after_the_demo_print_the_savings(tmp_path, monkeypatch, capsys):
     assert (total["requests"], total["hits"]) == (len(rows), 3)
     assert total["saved_input_tokens"] == sum(r.input_tokens for r in rows if r.cache == "HIT")
     assert total["saved_output_tokens"] > 0
+    # The demo's model is priced, so its savings are in dollars too, from the shipped table.
+    price = prices.price_for("claude-haiku-4-5")
+    expected_usd = (total["saved_input_tokens"] * price.input + total["saved_output_tokens"] * price.output) / 1e6
+    assert total["saved_usd"] == pytest.approx(expected_usd) and expected_usd > 0
     code, out = run(capsys, "stats")
     assert code == 0 and "tokens saved" in out and f"{total['saved_input_tokens']} in" in out
     assert DEMO_NAMESPACE in json.dumps(

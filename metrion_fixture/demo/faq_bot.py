@@ -52,7 +52,7 @@ def run_demo(url: str | None = None, *, latency: float = 0.8, out: TextIO = sys.
         system = "You are the FAQ bot of an online shop. Answer in one or two sentences."
         for who, question, streamed in script:
             args = dict(
-                model="claude-sonnet-5-5",
+                model="claude-haiku-4-5",
                 max_tokens=200,
                 system=system,
                 messages=[{"role": "user", "content": question}],
