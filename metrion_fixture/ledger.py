@@ -12,7 +12,6 @@ A store that fails loses the batch (counted in ``dropped``), never a request.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import json
 import os
 import threading
@@ -84,7 +83,9 @@ class StoredLedger:
         if self._allow is not None and not self._allow():
             self.dropped += len(batch)
             return 0
-        value = "\n".join(json.dumps(dataclasses.asdict(r), separators=(",", ":")) for r in batch).encode()
+        # vars(), not dataclasses.asdict(): a record holds only flat values, and asdict's deep copy
+        # cost more per record than the rest of a hit.
+        value = "\n".join(json.dumps(vars(r), separators=(",", ":")) for r in batch).encode()
         key = f"{PREFIX}{self.namespace}:{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.store.set(key, value, self.retention)
