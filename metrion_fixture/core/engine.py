@@ -150,18 +150,14 @@ def plan_request(
     if prompt is None:
         return Plan(outcome=BYPASS, wire_format=wire_format, strip=strip)
 
-    key = cache_key(prompt.model, prompt.messages)
-    variant = "stream" if prompt.stream else "json"
-    where = storage_key(settings.namespace, wire_format.name, variant, key)
-    if settings.scope == "credential":
-        where += f":cred-{credential_tag(headers, query)}"  # a keyed hash, never the credential
-    base = Plan(
-        outcome=BYPASS,
-        wire_format=wire_format,
-        model=prompt.model,
-        key=key,
-        storage_key=where,
-        stream=prompt.stream,
+    base = _located(
+        settings,
+        wire_format,
+        prompt.model,
+        prompt.messages,
+        prompt.stream,
+        headers,
+        query,
         strip=strip,
         shape=prompt.shape,
     )
@@ -172,6 +168,24 @@ def plan_request(
         return _with(base, outcome=ERROR, error=error_reply(base, 400, str(error)))
 
     return _decide(settings, base, header_mode, settings.ttl if max_age is None else max_age)
+
+
+def _located(
+    settings: Settings,
+    wire_format: WireFormat,
+    model: str,
+    messages: list[Any],
+    stream: bool,
+    credentials: Mapping[str, str],
+    query: bytes | str = b"",
+    **plan: Any,
+) -> Plan:
+    """A request's key and storage key, before any decision (a BYPASS plan until :func:`_decide`)."""
+    key = cache_key(model, messages)
+    where = storage_key(settings.namespace, wire_format.name, "stream" if stream else "json", key)
+    if settings.scope == "credential":
+        where += f":cred-{credential_tag(credentials, query)}"  # a keyed hash, never the credential
+    return Plan(outcome=BYPASS, wire_format=wire_format, model=model, key=key, storage_key=where, stream=stream, **plan)
 
 
 def _decide(settings: Settings, base: Plan, header_mode: str | None, ttl: int) -> Plan:
@@ -203,11 +217,7 @@ def plan_prompt(
     answers it in its own error shape). ``credentials`` are the call's credential headers, for
     ``scope="credential"``.
     """
-    key = cache_key(model, messages)
-    where = storage_key(settings.namespace, wire_format.name, "stream" if stream else "json", key)
-    if settings.scope == "credential":
-        where += f":cred-{credential_tag(credentials or {})}"  # a keyed hash, never the credential
-    base = Plan(outcome=BYPASS, wire_format=wire_format, model=model, key=key, storage_key=where, stream=stream)
+    base = _located(settings, wire_format, model, messages, stream, credentials or {})
     try:
         mode = parse_header_mode(header_mode)
     except DirectiveError as error:
