@@ -134,7 +134,7 @@ def exchange(
         store_down = isinstance(found, BaseException)
         if store_down and plan.read_only:
             return _answer(session, plan, store_down_reply(plan, found), started)
-        entry = _own_entry(plan, found)
+        entry = own_entry(plan, found)
         if entry is not None:
             return _hit(session, plan, entry, started)
         if not store_down:
@@ -195,19 +195,19 @@ def _take_turn(session: CacheSession, plan: Plan, started: float) -> Generator[S
     while True:
         if (yield Acquire(lock_key, token, int(wait * 1000) + 1000)):
             # Another caller may have stored the entry between our first look and our lock.
-            entry = _own_entry(plan, (yield Lookup(plan.storage_key)))
+            entry = own_entry(plan, (yield Lookup(plan.storage_key)))
             if entry is None:
                 return Release(lock_key, token)
             yield Release(lock_key, token)
             return _hit(session, plan, entry, started)
-        entry = _own_entry(plan, (yield WaitFor(plan.storage_key, lock_key, deadline)))
+        entry = own_entry(plan, (yield WaitFor(plan.storage_key, lock_key, deadline)))
         if entry is not None:
             return _hit(session, plan, entry, started)
         if time.monotonic() >= deadline:
             return None
 
 
-def _own_entry(plan: Plan, found: Any) -> Any:
+def own_entry(plan: Plan, found: Any) -> Any:
     """The entry in a store's answer, if it is whole and is this request's (not another key's or mode's)."""
     entry = decode_hit(found) if isinstance(found, bytes) else None
     return entry if entry is not None and entry.key == plan.key and entry.stream == plan.stream else None

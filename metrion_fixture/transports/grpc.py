@@ -25,9 +25,9 @@ import grpc
 import grpc.aio
 
 from ..core.directives import KEY_HEADER, MODE_HEADER
-from ..core.engine import BYPASS, ERROR, HIT, Plan, decode_hit, plan_prompt
+from ..core.engine import BYPASS, ERROR, HIT, Plan, plan_prompt
 from ..core.entry import Entry
-from ..core.exchange import _record, usage_fields
+from ..core.exchange import _record, own_entry, usage_fields
 from ..formats.xai_grpc import METHODS, WIRE_FORMAT
 from ..session import CacheSession, active_session
 
@@ -71,9 +71,20 @@ class _Prepared:
         return _record(self.session, self.plan, outcome, status, self.started, **kwargs)
 
     def own_entry(self, found: Any) -> Entry | None:
-        entry = decode_hit(found) if isinstance(found, bytes) else None
-        plan = self.plan
-        return entry if entry is not None and entry.key == plan.key and entry.stream == plan.stream else None
+        return own_entry(self.plan, found)
+
+    def after_read(self, found: Any) -> tuple[grpc.StatusCode, str] | Entry | None:
+        """What the store's answer means, for sync and async alike: an error (code, message) to
+        answer with, the entry to replay (a hit, recorded), or None to call the provider."""
+        if isinstance(found, BaseException) and self.plan.read_only:
+            return self.store_down(found)
+        entry = self.own_entry(found)
+        if entry is not None:
+            self.hit(entry)
+            return entry
+        if self.plan.read_only:
+            return self.replay_miss()
+        return None
 
     def hit(self, entry: Entry) -> None:
         self.record(HIT, 200, saved=entry.provider_seconds, stored=entry.extra)
@@ -350,19 +361,15 @@ class CacheInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientI
             return _Failed(*prepared.invalid(), prepared.tags(ERROR))
         if not plan.read:
             return None
-        found = session.read(plan.storage_key)
-        if isinstance(found, BaseException) and plan.read_only:
-            return _Failed(*prepared.store_down(found), prepared.tags(ERROR))
-        entry = prepared.own_entry(found)
-        if entry is not None:
-            prepared.hit(entry)
-            tags = [*prepared.tags(HIT), ("age", str(max(0, int(time.time() - entry.stored_at))))]
-            if plan.stream:
-                return _Replay(entry.chunks, tags)
-            return _Done(response_class(False).FromString(entry.chunks[0]), tags)
-        if plan.read_only:
-            return _Failed(*prepared.replay_miss(), prepared.tags(ERROR))
-        return None
+        verdict = prepared.after_read(session.read(plan.storage_key))
+        if isinstance(verdict, tuple):
+            return _Failed(*verdict, prepared.tags(ERROR))
+        if verdict is None:
+            return None
+        tags = [*prepared.tags(HIT), ("age", str(max(0, int(time.time() - verdict.stored_at))))]
+        if plan.stream:
+            return _Replay(verdict.chunks, tags)
+        return _Done(response_class(False).FromString(verdict.chunks[0]), tags)
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         details, prepared = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
@@ -437,16 +444,10 @@ class _AsyncBase:
             raise _aio_error(*prepared.invalid(), prepared.tags(ERROR))
         if not plan.read:
             return None
-        found = await session.aread(plan.storage_key)
-        if isinstance(found, BaseException) and plan.read_only:
-            raise _aio_error(*prepared.store_down(found), prepared.tags(ERROR))
-        entry = prepared.own_entry(found)
-        if entry is not None:
-            prepared.hit(entry)
-            return entry
-        if plan.read_only:
-            raise _aio_error(*prepared.replay_miss(), prepared.tags(ERROR))
-        return None
+        verdict = prepared.after_read(await session.aread(plan.storage_key))
+        if isinstance(verdict, tuple):
+            raise _aio_error(*verdict, prepared.tags(ERROR))
+        return verdict
 
 
 class AsyncUnaryUnaryCacheInterceptor(_AsyncBase, grpc.aio.UnaryUnaryClientInterceptor):
