@@ -62,7 +62,8 @@ def measure_redis(ctx: Context) -> tuple[list[Row], dict]:
     try:
         clients, sessions = {}, {}
         for size, db in zip(sizes, dbs, strict=True):
-            session = CacheSession(f"{ctx.scale_redis}/{db}", namespace=namespace)
+            # The near cache off: every hit is a GET, so this measures Redis's lookup at each size.
+            session = CacheSession(f"{ctx.scale_redis}/{db}?near_cache=off", namespace=namespace)
             client = sdk(CacheTransport(floor_transport(), session=session))
             ask(client)  # the measured entry: stored by the cache itself
             value = admins[db].get(f"{namespace}:anthropic_messages:json:{cache_key(MODEL, MESSAGES)}")

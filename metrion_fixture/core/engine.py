@@ -28,7 +28,7 @@ from .directives import (
     parse_header_mode,
     parse_max_age,
 )
-from .entry import CorruptEntry, Entry
+from .entry import CorruptEntry, Entry, RecentEntries
 from .key import cache_key
 from .scope import check_scope, credential_tag
 
@@ -259,12 +259,15 @@ def store_down_reply(plan: Plan, error: BaseException) -> Reply:
     )
 
 
+_RECENT_ENTRIES = RecentEntries()
+
+
 def decode_hit(value: bytes | None) -> Entry | None:
     """A stored value as an entry, or None when absent or damaged (a damaged one is a miss)."""
     if value is None:
         return None
     try:
-        return Entry.decode(value)
+        return _RECENT_ENTRIES.decode(value)
     except (CorruptEntry, KeyError, TypeError, ValueError, IndexError):
         return None
 

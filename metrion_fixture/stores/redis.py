@@ -10,7 +10,7 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -23,6 +23,7 @@ import redis.retry
 
 from metrion_fixture.errors import MetrionCacheError
 from metrion_fixture.stores.base import Store
+from metrion_fixture.stores.redis_tracking import TrackedNearCache
 
 # A cache that is down must cost a request a second, not minutes: short timeouts
 # and no retries (redis-py retries 3 times with backoff by default). A failed call
@@ -53,9 +54,30 @@ def mask_url(url: str) -> str:
     return _QUERY_PASSWORD.sub(r"\1***", _USERINFO.sub(hide, url, count=1))
 
 
+_SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+
+
+def near_cache_option(url: str) -> tuple[str, bool | None]:
+    """``url`` without our own ``near_cache=on|off`` query option (redis-py would refuse it), and its value.
+
+    None when the option is absent, or when its value is not one we know (reported by ``url_problem``).
+    """
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    ours = [value for name, value in pairs if name == "near_cache"]
+    if not ours:
+        return url, None
+    rest = urlencode([(name, value) for name, value in pairs if name != "near_cache"])
+    return urlunsplit(parts._replace(query=rest)), _SWITCH.get(ours[-1].lower())
+
+
 def url_problem(url: str) -> str | None:
     """What is wrong with ``url`` as a Redis URL, or None; parses only, never connects."""
     try:
+        ours = [value for name, value in parse_qsl(urlsplit(url).query) if name == "near_cache"]
+        if ours and ours[-1].lower() not in _SWITCH:
+            return f"near_cache must be on or off, not {ours[-1]!r}"
+        url = near_cache_option(url)[0]
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a non-numeric port
         redis.connection.parse_url(url)
@@ -88,9 +110,17 @@ class RedisStore(Store):
                 f"Bad Redis URL {mask_url(url)!r}: {problem}; "
                 "expected e.g. redis://localhost:6379/0, rediss://HOST or unix:///run/redis.sock"
             )
-        self._raw_url = url
         self.url = mask_url(url)
+        self._raw_url, near_cache = near_cache_option(url)
         self._lock = threading.Lock()
+        # Hits read again in this process are answered from memory, kept coherent by Redis (see
+        # redis_tracking); ?near_cache=off makes every read a GET.
+        self._near: TrackedNearCache | None = None
+        if near_cache is not False:
+            self._near = TrackedNearCache(self._new_tracking_connection)
+        # Tracking is set up only once Redis has answered a read, so a store that is down costs
+        # a read one failed attempt, not two (the tracking connection's and the GET's).
+        self._answered = False
         self._client: redis.Redis | None = None
         self._idle: list[redis.connection.AbstractConnection] = []  # for get(): see there
         self._idle_pid = os.getpid()
@@ -106,6 +136,13 @@ class RedisStore(Store):
         return redis.asyncio.Redis.from_url(
             self._raw_url, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **_DEFAULTS
         )
+
+    def _new_tracking_connection(self) -> redis.connection.AbstractConnection:
+        pool = self._sync().connection_pool
+        connection: redis.connection.AbstractConnection = pool.connection_class(
+            **{**pool.connection_kwargs, "protocol": 3}
+        )
+        return connection
 
     def _sync(self) -> redis.Redis:
         if self._client is None:
@@ -133,13 +170,24 @@ class RedisStore(Store):
         return client
 
     def get(self, key: str) -> bytes | None:
-        # The hit path: one GET on a connection of our own idle stack, skipping the client's
-        # per-command machinery (pool lock and socket poll, retry and metrics wrappers), which
-        # costs about as much as the round trip itself. Same connections, options and errors.
+        near = self._near if self._answered else None
+        if near is not None:
+            value, ticket = near.lookup(key)
+            if value is not None:
+                return value
+            if ticket is not None:
+                value, ttl_ms = self._pipelined(("GET", key), ("PTTL", key))
+                near.remember(key, value, ttl_ms, ticket)
+                return value
+        return self._pipelined(("GET", key))[0]
+
+    def _pipelined(self, *commands: tuple[Any, ...]) -> list[Any]:
+        # The hit path: commands pipelined on a connection of our own idle stack, skipping the
+        # client's per-command machinery (pool lock and socket poll, retry and metrics wrappers),
+        # which costs about as much as the round trip itself. Same connections, options and errors.
         client = self._sync()
         if type(client) is not redis.Redis:  # a cluster client routes each key itself
-            value: bytes | None = client.get(key)
-            return value
+            return [client.execute_command(*each) for each in commands]
         pool = client.connection_pool
         idle = self._idle
         if self._idle_pid != os.getpid():  # after fork(): never touch the parent's sockets
@@ -150,28 +198,55 @@ class RedisStore(Store):
         except IndexError:
             conn = pool.make_connection()
         try:
-            conn.send_command("GET", key)
-            value = conn.read_response()
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies = [conn.read_response() for _ in commands]
         except BaseException:
             # Whatever broke (timeout, reset, interrupt), the connection may hold half a reply.
             conn.disconnect()
+            self._answered = False
             raise
         finally:
             if len(idle) < _IDLE_MAX:
                 idle.append(conn)
             else:
                 conn.disconnect()
-        return value
+        self._answered = True
+        return replies
 
     def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
-        self._sync().set(key, value, ex=ttl_seconds)
+        try:
+            self._sync().set(key, value, ex=ttl_seconds)
+        finally:
+            self._forget(key)  # after the write: a read racing it cannot keep the old value
 
     async def aget(self, key: str) -> bytes | None:
-        value: bytes | None = await (await self._async()).get(key)
+        near = self._near if self._answered else None
+        try:
+            if near is not None:
+                value, ticket = near.lookup(key)  # memory and a non-blocking poll: nothing to await
+                if value is not None:
+                    return value
+                if ticket is not None:
+                    async with (await self._async()).pipeline(transaction=False) as pipe:
+                        value, ttl_ms = await pipe.get(key).pttl(key).execute()
+                    near.remember(key, value, ttl_ms, ticket)
+                    return value
+            value = await (await self._async()).get(key)
+        except BaseException:
+            self._answered = False
+            raise
+        self._answered = True
         return value
 
     async def aset(self, key: str, value: bytes, ttl_seconds: int) -> None:
-        await (await self._async()).set(key, value, ex=ttl_seconds)
+        try:
+            await (await self._async()).set(key, value, ex=ttl_seconds)
+        finally:
+            self._forget(key)
+
+    def _forget(self, key: str | None) -> None:
+        if self._near is not None:
+            self._near.forget(key)
 
     # Single-flight locks shared by every process on this Redis: SET NX PX, released only by their holder.
     def acquire(self, key: str, token: str, ttl_ms: int) -> bool:
@@ -203,6 +278,12 @@ class RedisStore(Store):
         return self._sync().scan_iter(match=pattern, count=1000)
 
     def delete_prefix(self, prefix: str) -> int:
+        try:
+            return self._delete_prefix(prefix)
+        finally:
+            self._forget(None)
+
+    def _delete_prefix(self, prefix: str) -> int:
         client, deleted, batch = self._sync(), 0, []
         for key in self._scan(prefix):
             batch.append(key)
@@ -222,6 +303,8 @@ class RedisStore(Store):
             client, self._client = self._client, None
             idle, self._idle = self._idle, []
             aclients, self._aclients = list(self._aclients.items()), weakref.WeakKeyDictionary()
+        if self._near is not None:
+            self._near.close()
         if client is not None:
             client.close()
         if self._idle_pid == os.getpid():
@@ -270,6 +353,7 @@ class RedisClusterStore(RedisStore):
     def __init__(self, url: str) -> None:
         super().__init__(cluster_node_url(url))
         self.url = mask_url(url)
+        self._near = None  # tracking is per node; a cluster read is always a GET to the key's node
 
     def _new_client(self) -> Any:
         return redis.cluster.RedisCluster.from_url(

@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 from metrion_fixture.stores.base import Store
+from metrion_fixture.stores.near import NearCache
 
 _BUSY_TIMEOUT_MS = 5000
 _PURGE_EVERY = 1000
+_NEAR_CACHE_BYTES = 16 * 1024 * 1024  # per thread: each thread has its own connection and its own near cache
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS entries_expires_at ON entries (expires_at)",
@@ -64,6 +66,8 @@ class SQLiteStore(Store):
         if conn is None:
             conn = self._connect()
             self._local.conn = conn
+            self._local.near = NearCache(_NEAR_CACHE_BYTES)
+            self._local.version = None
         return conn
 
     def _connect(self) -> sqlite3.Connection:
@@ -79,11 +83,7 @@ class SQLiteStore(Store):
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             if not self._ready:
-                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                    conn.execute("PRAGMA journal_mode = WAL")
-                for statement in _SCHEMA:
-                    conn.execute(statement)
-                conn.execute("DELETE FROM entries WHERE expires_at <= ?", (time.time(),))
+                self._prepare_file(conn)
                 self._ready = True
             # Safe in WAL mode (a crash loses at most the last writes): enough for a cache.
             conn.execute("PRAGMA synchronous = NORMAL")
@@ -94,6 +94,30 @@ class SQLiteStore(Store):
             self._conns.append(conn)
         return conn
 
+    @staticmethod
+    def _prepare_file(conn: sqlite3.Connection) -> None:
+        # Switching to WAL and recovering a WAL file take locks for which SQLite
+        # does not call the busy handler, so processes that open a new file at the
+        # same moment see "database is locked" at once: retry that until the
+        # busy timeout has passed, as the busy handler would have.
+        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        delay = 0.001
+        while True:
+            try:
+                if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    conn.execute("PRAGMA journal_mode = WAL")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("DELETE FROM entries WHERE expires_at <= ?", (time.time(),))
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) and "busy" not in str(error):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
     def _range(self, prefix: str) -> tuple[str, tuple[str, ...]]:
         upper = _prefix_upper_bound(prefix)
         if upper is None:
@@ -101,22 +125,40 @@ class SQLiteStore(Store):
         return "key >= ? AND key < ?", (prefix, upper)
 
     def get(self, key: str) -> bytes | None:
-        row = (
-            self._conn()
-            .execute("SELECT value FROM entries WHERE key = ? AND expires_at > ?", (key, time.time()))
-            .fetchone()
-        )
-        return None if row is None else bytes(row[0])
+        conn, local = self._conn(), self._local
+        # What this thread read lately is kept in memory, valid until any other connection (another
+        # thread or process) commits a change to the file: data_version tells, exactly and cheaply.
+        # This connection's own writes do not move it; set() and delete_prefix() update the near cache.
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        near: NearCache = local.near
+        if version != local.version:
+            near.clear()
+            local.version = version
+        now = time.time()
+        value = near.get(key, now)
+        if value is not None:
+            return value
+        row = conn.execute(
+            "SELECT value, expires_at FROM entries WHERE key = ? AND expires_at > ?", (key, now)
+        ).fetchone()
+        if row is None:
+            return None
+        value = bytes(row[0])
+        near.put(key, value, row[1])
+        return value
 
     def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
         if ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds!r}")
         conn = self._conn()
         now = time.time()
-        conn.execute(
-            "INSERT OR REPLACE INTO entries (key, value, expires_at) VALUES (?, ?, ?)",
-            (key, sqlite3.Binary(value), now + ttl_seconds),
-        )
+        try:
+            conn.execute(
+                "INSERT OR REPLACE INTO entries (key, value, expires_at) VALUES (?, ?, ?)",
+                (key, sqlite3.Binary(value), now + ttl_seconds),
+            )
+        finally:
+            self._local.near.discard(key)
         if next(self._sets) % _PURGE_EVERY == 0:
             conn.execute("DELETE FROM entries WHERE expires_at <= ?", (now,))
             conn.execute("DELETE FROM locks WHERE expires_at <= ?", (now,))
@@ -158,11 +200,14 @@ class SQLiteStore(Store):
     def delete_prefix(self, prefix: str) -> int:
         where, args = self._range(prefix)
         conn = self._conn()
-        with conn:
-            conn.execute("BEGIN IMMEDIATE")
-            # Expired rows go too, but only live ones are counted.
-            conn.execute(f"DELETE FROM entries WHERE {where} AND expires_at <= ?", (*args, time.time()))
-            return conn.execute(f"DELETE FROM entries WHERE {where}", args).rowcount
+        try:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                # Expired rows go too, but only live ones are counted.
+                conn.execute(f"DELETE FROM entries WHERE {where} AND expires_at <= ?", (*args, time.time()))
+                return conn.execute(f"DELETE FROM entries WHERE {where}", args).rowcount
+        finally:
+            self._local.near.clear()
 
     def keys(self, prefix: str) -> list[str]:
         where, args = self._range(prefix)

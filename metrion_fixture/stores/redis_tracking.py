@@ -1,0 +1,207 @@
+"""A Redis store's near cache, kept coherent by Redis's client tracking.
+
+One connection per process speaks RESP3 and asks Redis to track, in broadcast
+mode, every key under the prefixes this process reads (a namespace: everything up
+to the first ``:``). From then on Redis pushes an ``invalidate`` message on that
+connection for every write, delete, expiry or flush of such a key, whoever made it.
+Before serving anything from memory, a read drains those messages (a non-blocking
+poll of the socket, about a microsecond when there is nothing).
+
+What that guarantees:
+- writes and deletes made through this process are seen by its next read, always;
+- a write by another process is seen as soon as Redis has delivered its message
+  (the same moment it answers the writer, give or take the scheduling of two sockets);
+- a value read while some key changed is not kept (every change bumps an epoch, and a
+  read keeps its value only if the epoch did not move while it was in flight);
+- if the tracking connection breaks, closes or stops answering a health check
+  (a PING every second while reads go on, answered within three), everything kept is
+  dropped and reads go to Redis (one GET each) until tracking is set up again.
+A server or client that cannot track (Redis < 6, RESP2 only, CLIENT denied by ACL)
+just means every read is a GET.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+import redis.connection
+
+from metrion_fixture.stores.near import NearCache
+
+PING_EVERY = 1.0  # seconds between health checks of the tracking connection while reads go on
+PONG_WITHIN = 3.0  # a health check unanswered this long means the connection is presumed dead
+RETRY_AFTER = 5.0  # after losing tracking, plain GETs for this long before setting it up again
+
+_HANDLED = object()  # what the push handler returns, to tell pushes from replies
+
+
+def tracked_prefix(key: str) -> str | None:
+    """The prefix under which ``key`` is tracked: up to and including its first ``:``.
+
+    Two such prefixes never overlap (neither starts the other), which Redis requires of
+    the prefixes of one connection.
+    """
+    head, colon, _ = key.partition(":")
+    return head + colon if colon else None
+
+
+class TrackedNearCache:
+    def __init__(
+        self,
+        new_connection: Callable[[], redis.connection.AbstractConnection],
+        values: NearCache | None = None,
+    ) -> None:
+        self._new_connection = new_connection
+        self._values = values if values is not None else NearCache()
+        self._lock = threading.Lock()
+        self._conn: redis.connection.AbstractConnection | None = None
+        self._prefixes: set[str] = set()
+        self._epoch = 0  # moves on every invalidation and every write made here
+        self._pid = os.getpid()
+        self._retry_at = 0.0
+        self._ping_sent: float | None = None
+        self._pinged_at = 0.0
+        self.unsupported = False  # the server or the client library cannot track: never try again
+
+    @property
+    def tracking(self) -> bool:
+        return self._conn is not None
+
+    def lookup(self, key: str) -> tuple[bytes | None, int | None]:
+        """``(value, None)`` when ``key`` is kept here; ``(None, ticket)`` when it should be read
+        from Redis and handed to :meth:`remember` with that ticket; ``(None, None)`` when no
+        near cache applies (read from Redis, nothing to remember)."""
+        prefix = tracked_prefix(key)
+        if prefix is None:
+            return None, None
+        with self._lock:
+            if not self._ready(prefix):
+                return None, None
+            value = self._values.get(key, time.time())
+            return (value, None) if value is not None else (None, self._epoch)
+
+    def remember(self, key: str, value: bytes | None, ttl_ms: int, ticket: int) -> None:
+        """Keep ``value``, read from Redis with ``ttl_ms`` left (PTTL), unless anything changed meanwhile."""
+        if value is None or ttl_ms == -2 or ttl_ms == 0:
+            return
+        with self._lock:
+            if self._conn is None or self._pid != os.getpid():
+                return
+            try:
+                self._drain()
+            except Exception:  # noqa: BLE001 - a broken tracking connection only turns the near cache off
+                self._lost()
+                return
+            if self._epoch != ticket:
+                return
+            expires_at = float("inf") if ttl_ms < 0 else time.time() + ttl_ms / 1000
+            self._values.put(key, value, expires_at)
+
+    def forget(self, key: str | None = None) -> None:
+        """A write or delete made through this process: ``key``, or everything (None)."""
+        with self._lock:
+            self._epoch += 1
+            if key is None:
+                self._values.clear()
+            else:
+                self._values.discard(key)
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+            self._reset()
+            if conn is not None and self._pid == os.getpid():
+                conn.disconnect()
+
+    # Everything below runs with the lock held.
+
+    def _ready(self, prefix: str) -> bool:
+        if self._pid != os.getpid():
+            # After fork(): the socket is the parent's; never read or close it here.
+            self._conn, self._pid = None, os.getpid()
+            self._reset()
+        try:
+            if self._conn is None:
+                if self.unsupported or time.monotonic() < self._retry_at:
+                    return False
+                self._connect()
+            if prefix not in self._prefixes:
+                self._track(prefix)
+            self._drain()
+            self._check_health()
+            return True
+        except redis.ResponseError:
+            self.unsupported = True  # refused by the server: it will not change its mind
+            self._lost()
+            return False
+        except Exception:  # noqa: BLE001 - any failure here only turns the near cache off for a while
+            self._lost()
+            return False
+
+    def _connect(self) -> None:
+        conn = self._new_connection()
+        parser_has_pushes = hasattr(getattr(conn, "_parser", None), "set_invalidation_push_handler")
+        if not parser_has_pushes or str(getattr(conn, "protocol", "2")) != "3":
+            self.unsupported = True
+            raise ConnectionError("this redis-py cannot receive RESP3 invalidation pushes")
+        conn.connect()  # HELLO 3: a server without RESP3 answers with an error (ResponseError)
+        conn._parser.set_invalidation_push_handler(self._invalidated)
+        self._conn = conn
+        self._ping_sent, self._pinged_at = None, time.monotonic()
+
+    def _track(self, prefix: str) -> None:
+        assert self._conn is not None
+        self._conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", prefix)
+        reply = self._conn.read_response()
+        if reply not in (b"OK", "OK"):
+            raise redis.ResponseError(f"CLIENT TRACKING answered {reply!r}")
+        self._prefixes.add(prefix)
+
+    def _drain(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        while conn.can_read(timeout=0):
+            if conn.read_response(push_request=True) is not _HANDLED:
+                self._ping_sent = None  # the only command we send without reading its reply: PING
+
+    def _check_health(self) -> None:
+        now = time.monotonic()
+        if self._ping_sent is not None:
+            if now - self._ping_sent > PONG_WITHIN:
+                raise ConnectionError("the tracking connection did not answer a PING")
+        elif now - self._pinged_at > PING_EVERY:
+            assert self._conn is not None
+            self._conn.send_command("PING")
+            self._ping_sent = self._pinged_at = now
+
+    def _invalidated(self, message: Any) -> object:
+        # Called by the parser, inside _drain or _track, so with the lock held.
+        self._epoch += 1
+        keys = message[1] if len(message) > 1 else None
+        if keys is None:  # FLUSHDB / FLUSHALL
+            self._values.clear()
+        else:
+            for key in keys:
+                self._values.discard(key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key)
+        return _HANDLED
+
+    def _lost(self) -> None:
+        conn, self._conn = self._conn, None
+        self._reset()
+        self._retry_at = time.monotonic() + RETRY_AFTER
+        if conn is not None:
+            try:
+                conn.disconnect()
+            except Exception:  # noqa: BLE001, S110 - already broken
+                pass
+
+    def _reset(self) -> None:
+        self._prefixes.clear()
+        self._values.clear()
+        self._epoch += 1
+        self._ping_sent = None
