@@ -8,6 +8,7 @@ every decision and cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -226,7 +227,16 @@ def plan_prompt(
 
 
 def _with(plan: Plan, **changes: Any) -> Plan:
-    return Plan(**{**plan.__dict__, **changes})
+    # On every request: filling a copy's dict skips the frozen __init__'s per-field setattr.
+    unknown = changes.keys() - _PLAN_FIELDS
+    if unknown:
+        raise TypeError(f"Plan has no field {sorted(unknown)}")
+    changed = object.__new__(Plan)
+    changed.__dict__.update(plan.__dict__, **changes)
+    return changed
+
+
+_PLAN_FIELDS = frozenset(field.name for field in dataclasses.fields(Plan))
 
 
 def error_reply(plan: Plan, status: int, message: str) -> Reply:

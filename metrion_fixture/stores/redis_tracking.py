@@ -23,6 +23,7 @@ just means every read is a GET.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -60,6 +61,10 @@ class TrackedNearCache:
         self._values = values if values is not None else NearCache()
         self._lock = threading.Lock()
         self._conn: redis.connection.AbstractConnection | None = None
+        # A poll object kept registered with the tracking socket: the readiness check on every
+        # read, without the allocation and registration redis-py's can_read() makes each time.
+        self._poller: Any = None
+        self._buffered = False  # bytes may wait in the parser's buffer: drain whatever poll says
         self._prefixes: set[str] = set()
         self._epoch = 0  # moves on every invalidation and every write made here
         self._pid = os.getpid()
@@ -113,7 +118,7 @@ class TrackedNearCache:
 
     def close(self) -> None:
         with self._lock:
-            conn, self._conn = self._conn, None
+            conn, self._conn, self._poller = self._conn, None, None
             self._reset()
             if conn is not None and self._pid == os.getpid():
                 conn.disconnect()
@@ -123,7 +128,7 @@ class TrackedNearCache:
     def _ready(self, prefix: str) -> bool:
         if self._pid != os.getpid():
             # After fork(): the socket is the parent's; never read or close it here.
-            self._conn, self._pid = None, os.getpid()
+            self._conn, self._poller, self._pid = None, None, os.getpid()
             self._reset()
         try:
             if self._conn is None:
@@ -151,6 +156,10 @@ class TrackedNearCache:
             raise ConnectionError("this redis-py cannot receive RESP3 invalidation pushes")
         conn.connect()  # HELLO 3: a server without RESP3 answers with an error (ResponseError)
         conn._parser.set_invalidation_push_handler(self._invalidated)
+        sock = getattr(conn, "_sock", None)
+        if hasattr(select, "poll") and sock is not None:
+            self._poller = select.poll()
+            self._poller.register(sock, select.POLLIN)
         self._conn = conn
         self._ping_sent, self._pinged_at = None, time.monotonic()
 
@@ -158,6 +167,7 @@ class TrackedNearCache:
         assert self._conn is not None
         self._conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", prefix)
         reply = self._conn.read_response()
+        self._buffered = True  # pushes that came after the reply may sit in the parser's buffer
         if reply not in (b"OK", "OK"):
             raise redis.ResponseError(f"CLIENT TRACKING answered {reply!r}")
         self._prefixes.add(prefix)
@@ -165,6 +175,11 @@ class TrackedNearCache:
     def _drain(self) -> None:
         conn = self._conn
         assert conn is not None
+        if not self._buffered and self._poller is not None and not self._poller.poll(0):
+            sock = getattr(conn, "_sock", None)
+            if not (hasattr(sock, "pending") and sock.pending()):  # TLS: decrypted bytes poll cannot see
+                return  # nothing arrived (a closed or broken socket polls as ready)
+        self._buffered = False
         while conn.can_read(timeout=0):
             if conn.read_response(push_request=True) is not _HANDLED:
                 self._ping_sent = None  # the only command we send without reading its reply: PING
@@ -191,7 +206,7 @@ class TrackedNearCache:
         return _HANDLED
 
     def _lost(self) -> None:
-        conn, self._conn = self._conn, None
+        conn, self._conn, self._poller = self._conn, None, None
         self._reset()
         self._retry_at = time.monotonic() + RETRY_AFTER
         if conn is not None:
