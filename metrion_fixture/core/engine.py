@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -143,6 +144,38 @@ def plan_request(
     """
     if wire_format is None:
         return Plan(outcome=BYPASS)
+    mode_value, max_age_value = headers.get(MODE_HEADER), headers.get(TTL_HEADER)
+    if settings.scope == "credential" or type(body) is not bytes or len(body) > _RECENT_PLAN_MAX_BODY:
+        return _plan(settings, wire_format, path, headers, body, query, mode_value, max_age_value)
+    # The same request again (the case a cache exists for) gets the same plan: a plan depends
+    # on nothing else, and reusing it skips parsing the body and hashing the prompt again.
+    memo_key = (settings, wire_format.name, path, query, mode_value, max_age_value, body)
+    plan = _recent_plans.get(memo_key)
+    if plan is None:
+        plan = _plan(settings, wire_format, path, headers, body, query, mode_value, max_age_value)
+        with _recent_plans_lock:
+            if len(_recent_plans) >= _RECENT_PLANS:
+                del _recent_plans[next(iter(_recent_plans))]  # first in, first out
+            _recent_plans[memo_key] = plan
+    return plan
+
+
+_RECENT_PLANS = 256
+_RECENT_PLAN_MAX_BODY = 16 * 1024  # with _RECENT_PLANS: at most 4 MiB of remembered bodies
+_recent_plans: dict[tuple[Any, ...], Plan] = {}
+_recent_plans_lock = threading.Lock()
+
+
+def _plan(
+    settings: Settings,
+    wire_format: WireFormat,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    query: bytes | str,
+    mode_value: str | None,
+    max_age_value: str | None,
+) -> Plan:
     try:
         prompt = wire_format.prompt(path, json.loads(body or b""))
     except (ValueError, RecursionError):
@@ -163,8 +196,8 @@ def plan_request(
         shape=prompt.shape,
     )
     try:
-        header_mode = parse_header_mode(headers.get(MODE_HEADER))
-        max_age = parse_max_age(headers.get(TTL_HEADER))
+        header_mode = parse_header_mode(mode_value)
+        max_age = parse_max_age(max_age_value)
     except DirectiveError as error:
         return _with(base, outcome=ERROR, error=error_reply(base, 400, str(error)))
 
