@@ -139,8 +139,10 @@ class RedisStore(Store):
 
     def _new_tracking_connection(self) -> redis.connection.AbstractConnection:
         pool = self._sync().connection_pool
+        # No health check of redis-py's own: it would read replies (and pushes) behind the near
+        # cache's back; the near cache checks this connection itself.
         connection: redis.connection.AbstractConnection = pool.connection_class(
-            **{**pool.connection_kwargs, "protocol": 3}
+            **{**pool.connection_kwargs, "protocol": 3, "health_check_interval": 0}
         )
         return connection
 

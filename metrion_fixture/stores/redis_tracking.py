@@ -175,6 +175,8 @@ class TrackedNearCache:
     def _drain(self) -> None:
         conn = self._conn
         assert conn is not None
+        # Only this class reads this connection, and its loop below leaves the parser's buffer
+        # empty; a reply read elsewhere (_track) may leave pushes there: _buffered says so.
         if not self._buffered and self._poller is not None and not self._poller.poll(0):
             sock = getattr(conn, "_sock", None)
             if not (hasattr(sock, "pending") and sock.pending()):  # TLS: decrypted bytes poll cannot see
@@ -193,6 +195,7 @@ class TrackedNearCache:
             assert self._conn is not None
             self._conn.send_command("PING")
             self._ping_sent = self._pinged_at = now
+            self._buffered = True  # in case the client library read anything while sending
 
     def _invalidated(self, message: Any) -> object:
         # Called by the parser, inside _drain or _track, so with the lock held.
