@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .core.entry import CorruptEntry, Entry
+from .formats import STORED_FORMATS_BY_NAME
 from .ledger import PREFIX as LEDGER_PREFIX
 from .ledger import read_records
 from .stores.base import Store
@@ -266,7 +267,11 @@ def render_entries(found: list[StoredEntry], now: float | None = None) -> str:
 
 
 def answer_text(entry: Entry) -> str:
-    """The stored answer as text: JSON pretty-printed, a stream as its events."""
+    """The stored answer as text: JSON pretty-printed, a stream as its events, protobuf as its JSON form."""
+    wire_format = STORED_FORMATS_BY_NAME.get(entry.wire_format)
+    readable = wire_format.readable(entry.chunks, entry.stream) if wire_format is not None else None
+    if readable is not None:
+        return readable
     raw = b"".join(entry.chunks).decode("utf-8", "replace")
     if entry.stream:
         return raw

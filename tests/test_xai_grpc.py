@@ -384,3 +384,28 @@ def test_a_dead_store_never_fails_the_call(namespace, fake, host, flavour, strea
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     assert raised.value.details().startswith("metrion cache: the cache store could not be read")
     assert fake.call_count == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sample", "stream"])
+def test_show_prints_a_grok_answer_as_json_not_protobuf_bytes(memory_session, fake, host, stream, capsys):
+    """metrion-cache show on a gRPC entry prints the protobuf messages in their JSON form."""
+    import json
+
+    from metrion_fixture.cli import main
+
+    text = f"show me {uuid.uuid4().hex}"
+    run_sync(host, text, stream)
+    capsys.readouterr()
+    url = memory_session.store.url
+    assert (
+        main(["show", "--url", url, "--namespace", memory_session.settings.namespace, "--json", expected_key(text)])
+        == 0
+    )
+    (shown,) = json.loads(capsys.readouterr().out)
+    if stream:  # one JSON document per chunk, one per line
+        pieces = [json.loads(line)["outputs"][0]["delta"]["content"] for line in shown["answer"].splitlines()]
+        assert pieces == WORDS
+    else:
+        answer = json.loads(shown["answer"])
+        assert answer["outputs"][0]["message"]["content"] == "".join(WORDS)
+        assert answer["usage"]["promptTokens"] == 12

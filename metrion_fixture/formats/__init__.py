@@ -11,9 +11,12 @@ from .base import Prompt, StreamWatcher, Usage, WireFormat
 from .gemini import WIRE_FORMAT as GEMINI
 from .openai_chat import WIRE_FORMAT as OPENAI_CHAT
 from .openai_responses import WIRE_FORMAT as OPENAI_RESPONSES
+from .xai_grpc import WIRE_FORMAT as XAI_GRPC
 
 WIRE_FORMATS: tuple[WireFormat, ...] = (ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES, GEMINI)
 FORMATS_BY_NAME: dict[str, WireFormat] = {wire_format.name: wire_format for wire_format in WIRE_FORMATS}
+# Every format an entry can be stored in, gRPC included: for the tools that read entries back.
+STORED_FORMATS_BY_NAME: dict[str, WireFormat] = {**FORMATS_BY_NAME, XAI_GRPC.name: XAI_GRPC}
 
 
 def wire_format_for(method: str, path: str) -> WireFormat | None:
@@ -23,4 +26,13 @@ def wire_format_for(method: str, path: str) -> WireFormat | None:
     return None
 
 
-__all__ = ["FORMATS_BY_NAME", "WIRE_FORMATS", "Prompt", "StreamWatcher", "Usage", "WireFormat", "wire_format_for"]
+__all__ = [
+    "FORMATS_BY_NAME",
+    "STORED_FORMATS_BY_NAME",
+    "WIRE_FORMATS",
+    "Prompt",
+    "StreamWatcher",
+    "Usage",
+    "WireFormat",
+    "wire_format_for",
+]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,10 @@ class WireFormat:
 
     def usage(self, chunks: list[bytes], stream: bool) -> Usage | None:
         """The tokens a complete answer (its body, or its stream's chunks) reports, or None if it says nothing."""
+        return None
+
+    def readable(self, chunks: Sequence[bytes], stream: bool) -> str | None:
+        """A stored answer as text for people (``metrion-cache show``), when its bytes are not text."""
         return None
 
 

@@ -9,6 +9,7 @@ module imports neither grpc nor protobuf.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from .base import Usage, WireFormat
@@ -45,6 +46,20 @@ class XaiGrpc(WireFormat):
             cache_read_tokens=found.cached_prompt_text_tokens,
             reasoning_tokens=found.reasoning_tokens,
         )
+
+    def readable(self, chunks: Sequence[bytes], stream: bool) -> str | None:
+        # Serialized protobuf messages, shown in the JSON form protobuf defines for them.
+        from google.protobuf.json_format import MessageToJson
+
+        from ..transports.grpc import response_class
+
+        try:
+            messages = [response_class(stream).FromString(bytes(chunk)) for chunk in chunks]
+        except Exception:  # noqa: BLE001 - not our protobuf (a damaged or foreign value): show nothing special
+            return None
+        if stream:  # JSON Lines: one chunk per line, as it was sent
+            return "\n".join(MessageToJson(message, indent=None, ensure_ascii=False) for message in messages)
+        return MessageToJson(messages[0], indent=2, ensure_ascii=False) if messages else ""
 
 
 WIRE_FORMAT = XaiGrpc()
