@@ -200,6 +200,27 @@ def test_a_killed_tracking_connection_turns_the_near_cache_off(
     assert not near.tracking
 
 
+def test_an_idle_process_closes_its_tracking_connection(
+    store: RedisStore, other: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis queues an invalidation per write for every tracking client: one that stopped reading lets go."""
+    monkeypatch.setattr(redis_tracking, "IDLE_CLOSE", 0.2)
+    key = prefix + "k"
+    store.set(key, b"old", 60)
+    assert store.get(key) == store.get(key) == b"old"
+    near = store._near
+    assert near is not None and near._conn is not None
+    port = near._conn._sock.getsockname()[1]
+
+    def tracking_client_gone() -> bool:
+        return not near.tracking and not [c for c in other.client_list() if c["addr"].endswith(f":{port}")]
+
+    assert eventually(tracking_client_gone)
+    other.set(key, b"new", ex=60)  # while nobody tracks for this process
+    assert store.get(key) == b"new"
+    assert store.get(key) == b"new" and near.tracking  # tracking again, from the first read on
+
+
 class FreezingProxy:
     """A TCP proxy to Redis that can stop forwarding without closing anything (a silent network)."""
 

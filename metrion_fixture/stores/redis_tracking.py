@@ -15,7 +15,10 @@ What that guarantees:
   read keeps its value only if the epoch did not move while it was in flight);
 - if the tracking connection breaks, closes or stops answering a health check
   (a PING every second while reads go on, answered within three), everything kept is
-  dropped and reads go to Redis (one GET each) until tracking is set up again.
+  dropped and reads go to Redis (one GET each) until tracking is set up again;
+- a process that stops reading closes its tracking connection after a minute (a daemon thread
+  watches), so Redis queues invalidations for an idle notebook kernel for a minute at most; the next read
+  sets it up again.
 A server or client that cannot track (Redis < 6, RESP2 only, CLIENT denied by ACL)
 just means every read is a GET.
 """
@@ -37,6 +40,9 @@ from metrion_fixture.stores.near import NearCache
 PING_EVERY = 1.0  # seconds between health checks of the tracking connection while reads go on
 PONG_WITHIN = 3.0  # a health check unanswered this long means the connection is presumed dead
 RETRY_AFTER = 5.0  # after losing tracking, plain GETs for this long before setting it up again
+# A process that stops reading (an idle notebook kernel) closes its tracking connection after
+# this long: Redis would otherwise queue an invalidation for it on every write under the prefix.
+IDLE_CLOSE = 60.0
 
 _HANDLED = object()  # what the push handler returns, to tell pushes from replies
 
@@ -70,7 +76,8 @@ class TrackedNearCache:
         self._pid = os.getpid()
         self._retry_at = 0.0
         self._ping_sent: float | None = None
-        self._pinged_at = 0.0
+        self._pinged_at = self._used_at = 0.0
+        self._stop_watching = threading.Event()
         self.unsupported = False  # the server or the client library cannot track: never try again
 
     @property
@@ -123,6 +130,21 @@ class TrackedNearCache:
             if conn is not None and self._pid == os.getpid():
                 conn.disconnect()
 
+    def _watch(self, conn: redis.connection.AbstractConnection, stop: threading.Event) -> None:
+        # A daemon thread for each tracking connection: closes it once reads have stopped.
+        while not stop.wait(IDLE_CLOSE / 4):
+            with self._lock:
+                if self._conn is not conn:
+                    return  # closed, lost or replaced meanwhile
+                if time.monotonic() - self._used_at > IDLE_CLOSE:
+                    self._conn, self._poller = None, None
+                    self._reset()
+                    try:
+                        conn.disconnect()
+                    except Exception:  # noqa: BLE001, S110 - closing is all that is left to do
+                        pass
+                    return
+
     # Everything below runs with the lock held.
 
     def _ready(self, prefix: str) -> bool:
@@ -162,6 +184,13 @@ class TrackedNearCache:
             self._poller.register(sock, select.POLLIN)
         self._conn = conn
         self._ping_sent, self._pinged_at = None, time.monotonic()
+        self._used_at = self._pinged_at
+        self._stop_watching.set()  # the previous connection's watcher, if it still runs
+        self._stop_watching = threading.Event()
+        watcher = threading.Thread(
+            target=self._watch, args=(conn, self._stop_watching), name="metrion-near-cache-idle", daemon=True
+        )
+        watcher.start()
 
     def _track(self, prefix: str) -> None:
         assert self._conn is not None
@@ -187,7 +216,7 @@ class TrackedNearCache:
                 self._ping_sent = None  # the only command we send without reading its reply: PING
 
     def _check_health(self) -> None:
-        now = time.monotonic()
+        now = self._used_at = time.monotonic()
         if self._ping_sent is not None:
             if now - self._ping_sent > PONG_WITHIN:
                 raise ConnectionError("the tracking connection did not answer a PING")
@@ -219,6 +248,7 @@ class TrackedNearCache:
                 pass
 
     def _reset(self) -> None:
+        self._stop_watching.set()
         self._prefixes.clear()
         self._values.clear()
         self._epoch += 1
