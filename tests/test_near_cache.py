@@ -158,6 +158,34 @@ def test_writes_made_here_are_seen_at_once(store: RedisStore, prefix: str) -> No
     assert store.get(key) is None
 
 
+def test_threads_reading_while_another_client_writes_end_on_the_last_value(
+    store: RedisStore, other: redis.Redis, prefix: str
+) -> None:
+    """Readers racing a writer only ever see written values, and all settle on the last one."""
+    key, last = prefix + "k", 150
+    other.set(key, b"0", ex=60)
+    written = {str(i).encode() for i in range(last + 1)}
+    seen: list[set[bytes | None]] = [set() for _ in range(4)]
+    done = threading.Event()
+
+    def read(into: set[bytes | None]) -> None:
+        while not done.is_set():
+            into.add(store.get(key))
+
+    readers = [threading.Thread(target=read, args=(into,)) for into in seen]
+    for reader in readers:
+        reader.start()
+    for i in range(1, last + 1):
+        other.set(key, str(i).encode(), ex=60)
+        time.sleep(0.001)
+    done.set()
+    for reader in readers:
+        reader.join()
+    assert all(values <= written for values in seen)
+    assert eventually(lambda: store.get(key) == str(last).encode())
+    assert store._near is not None and store._near.tracking  # it kept tracking through the churn
+
+
 def test_a_value_read_while_its_key_changed_is_not_kept(store: RedisStore, other: redis.Redis, prefix: str) -> None:
     key = prefix + "k"
     store.set(key, b"old", 60)
