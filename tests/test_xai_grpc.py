@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from concurrent import futures
 
@@ -26,7 +27,7 @@ WORDS = ["Hello", " from", " the", " fake", " Grok", "."]
 
 
 class FakeChat(chat_pb2_grpc.ChatServicer):
-    """Answers with fixed words; a prompt containing ABORT gets a stream that fails mid-way."""
+    """Answers with fixed words; a prompt containing ABORT gets a stream that fails mid-way, SLOW waits first."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, str]]] = []
@@ -42,6 +43,8 @@ class FakeChat(chat_pb2_grpc.ChatServicer):
 
     def GetCompletion(self, request, context):
         self._note("GetCompletion", context)
+        if "SLOW" in str(request.messages):
+            time.sleep(0.3)  # long enough for concurrent callers to pile up behind the first
         return chat_pb2.GetChatCompletionResponse(
             id="resp-1",
             model=request.model,
@@ -57,6 +60,8 @@ class FakeChat(chat_pb2_grpc.ChatServicer):
     def GetCompletionChunk(self, request, context):
         self._note("GetCompletionChunk", context)
         abort = "ABORT" in str(request.messages)
+        if "SLOW" in str(request.messages):
+            time.sleep(0.3)
         for index, word in enumerate(WORDS):
             if abort and index == 2:
                 context.abort(grpc.StatusCode.INTERNAL, "upstream failed mid-stream")
@@ -409,3 +414,50 @@ def test_show_prints_a_grok_answer_as_json_not_protobuf_bytes(memory_session, fa
         answer = json.loads(shown["answer"])
         assert answer["outputs"][0]["message"]["content"] == "".join(WORDS)
         assert answer["usage"]["promptTokens"] == 12
+
+
+# -- single flight -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sample", "stream"])
+def test_identical_concurrent_cold_calls_make_one_server_call(memory_session, fake, host, stream):
+    """Six threads ask the same new question at once: xAI is called once, the others get its entry."""
+    text = f"SLOW {uuid.uuid4().hex}"
+    with futures.ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: run_sync(host, text, stream), range(6)))
+    assert fake.call_count == 1
+    assert answers == [answers[0]] * 6 and answers[0][0] == "".join(WORDS)
+    assert sorted(call.status for call in memory_session.calls) == ["HIT"] * 5 + ["MISS"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["sample", "stream"])
+def test_identical_concurrent_cold_async_calls_make_one_server_call(memory_session, fake, host, stream):
+    text = f"SLOW {uuid.uuid4().hex}"
+
+    async def ask() -> str:
+        client = xai_sdk.AsyncClient(api_key=API_KEY, api_host=host, use_insecure_channel=True)
+        try:
+            chat = client.chat.create(model=MODEL, messages=prompt_messages(text))
+            if stream:
+                return "".join([chunk.content async for _, chunk in chat.stream()])
+            return (await chat.sample()).content
+        finally:
+            await client.close()
+
+    async def all_at_once() -> list[str]:
+        return list(await asyncio.gather(*(ask() for _ in range(6))))
+
+    assert asyncio.run(all_at_once()) == ["".join(WORDS)] * 6
+    assert fake.call_count == 1
+    assert sorted(call.status for call in memory_session.calls) == ["HIT"] * 5 + ["MISS"]
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_a_failed_stream_releases_its_single_flight_lock(memory_session, fake, host, flavour):
+    """Waiters must not sit out the lock's expiry when the caller ahead of them failed."""
+    text = f"SLOW ABORT {uuid.uuid4().hex}"
+    with pytest.raises(grpc.RpcError):
+        RUNNERS[flavour](host, text, True)
+    lock_key = storage_key(memory_session.settings.namespace, "xai_grpc", "stream", expected_key(text)) + ":lock"
+    assert fake.call_count == 1
+    assert not memory_session.store.locked(lock_key)

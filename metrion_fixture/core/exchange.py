@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Generator, Mapping
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ..formats import Usage, wire_format_for
 from ..prices import cost_usd, price_source, provider_of
@@ -149,11 +149,12 @@ def exchange(
                 return Answer(converted)
         if plan.read_only:
             return _answer(session, plan, replay_miss_reply(plan), started)
-        if not store_down and plan.write_ttl > 0 and session.single_flight_wait > 0:
-            turn = yield from _take_turn(session, plan, started)
-            if isinstance(turn, Answer):
-                return turn
-            lock = turn
+        if may_wait(session, plan, found):
+            turn = yield from take_turn(session, plan)
+            if isinstance(turn, Release):
+                lock = turn
+            elif turn is not None:
+                return _hit(session, plan, turn, started)
 
     status, upstream_headers = yield Forward(plan.strip)
     if not wants_recording(plan, status):
@@ -180,13 +181,19 @@ def exchange(
     return Rebuilt(status, response_headers, body)
 
 
-def _take_turn(session: CacheSession, plan: Plan, started: float) -> Generator[Step, Any, Answer | Release | None]:
+def may_wait(session: CacheSession, plan: Plan, found: Any) -> bool:
+    """Whether a miss should take its turn (single flight) before asking the provider."""
+    return not isinstance(found, BaseException) and plan.write_ttl > 0 and session.single_flight_wait > 0
+
+
+def take_turn(session: CacheSession, plan: Plan) -> Generator[Step, Any, Any]:
     """Become the one caller that asks the provider for this key, or wait for that caller's entry.
 
     Returns the lock to release once the answer is stored (this caller asks the provider),
-    an Answer (the entry appeared meanwhile: a HIT), or None (waited until the deadline, or
-    the store cannot lock: ask the provider without a lock). A holder that fails releases
-    the lock and one waiter takes over; one that dies leaves a lock that expires.
+    the entry (it appeared meanwhile: a hit for the caller to record and replay), or None
+    (waited until the deadline, or the store cannot lock: ask the provider without a lock).
+    A holder that fails releases the lock and one waiter takes over; one that dies leaves a
+    lock that expires.
     """
     lock_key = plan.storage_key + LOCK_SUFFIX
     token = uuid.uuid4().hex
@@ -199,12 +206,57 @@ def _take_turn(session: CacheSession, plan: Plan, started: float) -> Generator[S
             if entry is None:
                 return Release(lock_key, token)
             yield Release(lock_key, token)
-            return _hit(session, plan, entry, started)
+            return entry
         entry = own_entry(plan, (yield WaitFor(plan.storage_key, lock_key, deadline)))
         if entry is not None:
-            return _hit(session, plan, entry, started)
+            return entry
         if time.monotonic() >= deadline:
             return None
+
+
+_T = TypeVar("_T")
+
+
+def run_store_steps(session: CacheSession, steps: Generator[Step, Any, _T]) -> _T:
+    """Perform a generator's store steps (Lookup, Acquire, WaitFor, Release), blocking.
+
+    For callers that are not HTTP shells (the gRPC interceptors); the shells perform these
+    steps in their own loops, together with the HTTP ones.
+    """
+    answer: Any = None
+    while True:
+        try:
+            step = steps.send(answer)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        answer = _store_call(session, step, asynchronous=False)
+
+
+async def arun_store_steps(session: CacheSession, steps: Generator[Step, Any, _T]) -> _T:
+    """:func:`run_store_steps`, awaited."""
+    answer: Any = None
+    while True:
+        try:
+            step = steps.send(answer)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        answer = await _store_call(session, step, asynchronous=True)
+
+
+# Each store step: the session method that performs it, blocking and awaited.
+_STORE_CALLS = {
+    Lookup: ("read", "aread"),
+    Acquire: ("acquire", "aacquire"),
+    WaitFor: ("wait_for", "await_for"),
+    Release: ("release", "arelease"),
+}
+
+
+def _store_call(session: CacheSession, step: Step, asynchronous: bool) -> Any:
+    names = _STORE_CALLS.get(type(step))
+    if names is None:
+        raise TypeError(f"not a store step: {step!r}")
+    return getattr(session, names[asynchronous])(*step)
 
 
 def own_entry(plan: Plan, found: Any) -> Any:

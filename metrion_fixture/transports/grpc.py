@@ -5,7 +5,8 @@ other format: ``cache_key(model, messages)``, the messages being the request's p
 messages as JSON (``MessageToDict(preserving_proto_field_name=True)``). Entries hold the
 serialized responses, one per streamed chunk, so a hit replays the same chunks. A stream is
 stored only when it ended with status OK; one that failed or that the caller left early is
-not. Other methods pass through untouched.
+not. Identical concurrent cold calls make one call to xAI, the others wait for its entry
+(single flight, as for HTTP). Other methods pass through untouched.
 
 The mode comes from the session, or from the call's ``x-metrion-cache`` metadata (``true``,
 ``refresh``, ``false``), which is removed before the call goes out. While a session is
@@ -27,7 +28,16 @@ import grpc.aio
 from ..core.directives import KEY_HEADER, MODE_HEADER
 from ..core.engine import BYPASS, ERROR, HIT, Plan, plan_prompt
 from ..core.entry import Entry
-from ..core.exchange import _record, own_entry, usage_fields
+from ..core.exchange import (
+    Release,
+    _record,
+    arun_store_steps,
+    may_wait,
+    own_entry,
+    run_store_steps,
+    take_turn,
+    usage_fields,
+)
 from ..formats.xai_grpc import METHODS, WIRE_FORMAT
 from ..session import CacheSession, active_session
 
@@ -88,6 +98,16 @@ class _Prepared:
 
     def hit(self, entry: Entry) -> None:
         self.record(HIT, 200, saved=entry.provider_seconds, stored=entry.extra)
+
+    def after_turn(self, turn: Any) -> Entry | Release | None:
+        """The outcome of a single-flight turn: the entry another caller stored (a hit, recorded),
+        the lock this caller holds while it asks the provider, or None (ask without a lock)."""
+        if turn is not None and not isinstance(turn, Release):
+            self.hit(turn)
+        return turn  # type: ignore[no-any-return]
+
+    def age_tag(self, entry: Entry) -> list[tuple[str, str]]:
+        return [*self.tags(HIT), ("age", str(max(0, int(time.time() - entry.stored_at))))]
 
     def entry(self, chunks: list[bytes]) -> bytes | None:
         """The encoded entry for a complete answer, or None when it is over the size cap."""
@@ -300,10 +320,13 @@ class _Replay(_Done):
 class _Tee:
     """The provider's stream passed to the caller as it arrives, stored once it ended with status OK."""
 
-    def __init__(self, call: Any, prepared: _Prepared, record: Any) -> None:
+    def __init__(self, call: Any, prepared: _Prepared, record: Any, lock: Release | None = None) -> None:
         self._call, self._prepared, self._record = call, prepared, record
         self._chunks: list[bytes] | None = [] if prepared.plan.write_ttl > 0 else None
         self._over = False
+        # The single-flight lock, released once the entry is written or the stream failed. A
+        # stream the caller leaves half-read keeps it until it expires (single_flight_wait + 1 s).
+        self._lock = lock
 
     def __getattr__(self, name: str) -> Any:  # the grpc.Call / grpc.Future methods of the real call
         return getattr(self._call, name)
@@ -319,6 +342,7 @@ class _Tee:
             raise
         except BaseException:
             self._chunks, self._over = None, True  # failed or cancelled: never stored
+            self._release()
             raise
         if self._chunks is not None:
             self._chunks.append(message.SerializeToString())
@@ -330,10 +354,18 @@ class _Tee:
         self._over = True
         prepared, chunks = self._prepared, self._chunks or []
         prepared.session.ledger.amend(self._record, **usage_fields(prepared.plan, _usage(chunks, True)))
-        if self._chunks is not None:
-            value = prepared.entry(self._chunks)
-            if value is not None:
-                prepared.session.write(prepared.plan.storage_key, value, prepared.plan.write_ttl)
+        try:
+            if self._chunks is not None:
+                value = prepared.entry(self._chunks)
+                if value is not None:
+                    prepared.session.write(prepared.plan.storage_key, value, prepared.plan.write_ttl)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            self._prepared.session.release(*lock)
 
 
 class CacheInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -354,30 +386,39 @@ class CacheInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientI
     ) -> None:
         self._session, self._default_mode, self._credentials = session, default_mode, credentials
 
-    def _lookup(self, prepared: _Prepared) -> Any:
-        """A _Done/_Failed answer from the cache, or None to call the provider."""
+    def _lookup(self, prepared: _Prepared) -> tuple[Any, Release | None]:
+        """A _Done/_Failed answer from the cache, or (None, the single-flight lock if taken) to call the provider."""
         plan, session = prepared.plan, prepared.session
         if plan.error is not None:
-            return _Failed(*prepared.invalid(), prepared.tags(ERROR))
+            return _Failed(*prepared.invalid(), prepared.tags(ERROR)), None
         if not plan.read:
-            return None
-        verdict = prepared.after_read(session.read(plan.storage_key))
+            return None, None
+        found = session.read(plan.storage_key)
+        verdict = prepared.after_read(found)
+        if verdict is None and may_wait(session, plan, found):
+            verdict = prepared.after_turn(run_store_steps(session, take_turn(session, plan)))
+        if verdict is None or isinstance(verdict, Release):  # (a Release is a tuple too: first)
+            return None, verdict
         if isinstance(verdict, tuple):
-            return _Failed(*verdict, prepared.tags(ERROR))
-        if verdict is None:
-            return None
-        tags = [*prepared.tags(HIT), ("age", str(max(0, int(time.time() - verdict.stored_at))))]
+            return _Failed(*verdict, prepared.tags(ERROR)), None
         if plan.stream:
-            return _Replay(verdict.chunks, tags)
-        return _Done(response_class(False).FromString(verdict.chunks[0]), tags)
+            return _Replay(verdict.chunks, prepared.age_tag(verdict)), None
+        return _Done(response_class(False).FromString(verdict.chunks[0]), prepared.age_tag(verdict)), None
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         details, prepared = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
         if prepared is None:
             return continuation(details, request)
-        answer = self._lookup(prepared)
+        answer, lock = self._lookup(prepared)
         if answer is not None:
             return answer
+        try:
+            return self._call_provider(continuation, details, request, prepared)
+        finally:
+            if lock is not None:  # after the entry is written: the waiters find it
+                prepared.session.release(*lock)
+
+    def _call_provider(self, continuation: Any, details: Any, request: Any, prepared: _Prepared) -> Any:
         outcome = continuation(details, request)
         plan = prepared.plan
         try:
@@ -400,12 +441,17 @@ class CacheInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientI
         details, prepared = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
         if prepared is None:
             return continuation(details, request)
-        answer = self._lookup(prepared)
+        answer, lock = self._lookup(prepared)
         if answer is not None:
             return answer
-        call = continuation(details, request)
+        try:
+            call = continuation(details, request)
+        except BaseException:
+            if lock is not None:
+                prepared.session.release(*lock)
+            raise
         record = prepared.record(prepared.plan.outcome, 200)
-        return _Tee(call, prepared, record)
+        return _Tee(call, prepared, record, lock)
 
 
 def intercept_channel(
@@ -437,15 +483,19 @@ class _AsyncBase:
     ) -> None:
         self._session, self._default_mode, self._credentials = session, default_mode, credentials
 
-    async def _lookup(self, prepared: _Prepared) -> Entry | None:
-        """The stored entry to answer with, None to call the provider; raises the cache's own errors."""
+    async def _lookup(self, prepared: _Prepared) -> Entry | Release | None:
+        """The stored entry to answer with, or None / the single-flight lock taken to call the
+        provider; raises the cache's own errors."""
         plan, session = prepared.plan, prepared.session
         if plan.error is not None:
             raise _aio_error(*prepared.invalid(), prepared.tags(ERROR))
         if not plan.read:
             return None
-        verdict = prepared.after_read(await session.aread(plan.storage_key))
-        if isinstance(verdict, tuple):
+        found = await session.aread(plan.storage_key)
+        verdict = prepared.after_read(found)
+        if verdict is None and may_wait(session, plan, found):
+            verdict = prepared.after_turn(await arun_store_steps(session, take_turn(session, plan)))
+        if isinstance(verdict, tuple) and not isinstance(verdict, Release):
             raise _aio_error(*verdict, prepared.tags(ERROR))
         return verdict
 
@@ -457,9 +507,16 @@ class AsyncUnaryUnaryCacheInterceptor(_AsyncBase, grpc.aio.UnaryUnaryClientInter
         details, prepared = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
         if prepared is None:
             return await continuation(details, request)
-        entry = await self._lookup(prepared)
-        if entry is not None:
-            return response_class(False).FromString(entry.chunks[0])
+        found = await self._lookup(prepared)
+        if isinstance(found, Entry):
+            return response_class(False).FromString(found.chunks[0])
+        try:
+            return await self._call_provider(continuation, details, request, prepared)
+        finally:
+            if found is not None:  # the single-flight lock: released after the entry is written
+                await prepared.session.arelease(*found)
+
+    async def _call_provider(self, continuation: Any, details: Any, request: Any, prepared: _Prepared) -> Any:
         plan = prepared.plan
         call = await continuation(details, request)
         try:
@@ -486,13 +543,17 @@ class AsyncUnaryStreamCacheInterceptor(_AsyncBase, grpc.aio.UnaryStreamClientInt
         details, prepared = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
         if prepared is None:
             return await continuation(details, request)
-        entry = await self._lookup(prepared)
-        if entry is not None:
-            tags = [*prepared.tags(HIT), ("age", str(max(0, int(time.time() - entry.stored_at))))]
-            return _AioReplay(entry.chunks, tags)
-        call = await continuation(details, request)
+        found = await self._lookup(prepared)
+        if isinstance(found, Entry):
+            return _AioReplay(found.chunks, prepared.age_tag(found))
+        try:
+            call = await continuation(details, request)
+        except BaseException:
+            if found is not None:
+                await prepared.session.arelease(*found)
+            raise
         record = prepared.record(prepared.plan.outcome, 200)
-        return _atee(call, prepared, record)
+        return _atee(call, prepared, record, found)
 
 
 class _AioReplay(grpc.aio.UnaryStreamCall):
@@ -545,17 +606,21 @@ class _AioReplay(grpc.aio.UnaryStreamCall):
         return None
 
 
-async def _atee(call: Any, prepared: _Prepared, record: Any) -> AsyncIterator[Any]:
+async def _atee(call: Any, prepared: _Prepared, record: Any, lock: Release | None) -> AsyncIterator[Any]:
     plan = prepared.plan
     chunks: list[bytes] = []
-    async for message in call:  # an error or the caller leaving raises here: nothing is stored
-        chunks.append(message.SerializeToString())
-        yield message
-    prepared.session.ledger.amend(record, **usage_fields(plan, _usage(chunks, True)))
-    if plan.write_ttl > 0:
-        value = prepared.entry(chunks)
-        if value is not None:
-            await prepared.session.awrite(plan.storage_key, value, plan.write_ttl)
+    try:
+        async for message in call:  # an error or the caller leaving raises here: nothing is stored
+            chunks.append(message.SerializeToString())
+            yield message
+        prepared.session.ledger.amend(record, **usage_fields(plan, _usage(chunks, True)))
+        if plan.write_ttl > 0:
+            value = prepared.entry(chunks)
+            if value is not None:
+                await prepared.session.awrite(plan.storage_key, value, plan.write_ttl)
+    finally:
+        if lock is not None:
+            await prepared.session.arelease(*lock)
 
 
 def aio_interceptors(
