@@ -514,3 +514,12 @@ def test_decoded_entries_are_reused_only_for_identical_bytes() -> None:
     middle = len(good) // 2
     damaged = good[:middle] + bytes([good[middle] ^ 1]) + good[middle + 1 :]
     assert decode_hit(damaged) is None
+
+
+def test_the_near_cache_option_leaves_the_other_url_options_as_written() -> None:
+    from metrion_fixture.stores.redis import near_cache_option
+
+    url = "redis://:p%20w@cache:6379/2?socket_timeout=0.5&near_cache=off&password=a%2Bb"
+    assert near_cache_option(url) == ("redis://:p%20w@cache:6379/2?socket_timeout=0.5&password=a%2Bb", False)
+    assert near_cache_option("redis://cache/0?near_cache=on") == ("redis://cache/0", True)
+    assert near_cache_option("redis://cache/0") == ("redis://cache/0", None)

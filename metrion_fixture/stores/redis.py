@@ -10,7 +10,7 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -63,11 +63,11 @@ def near_cache_option(url: str) -> tuple[str, bool | None]:
     None when the option is absent, or when its value is not one we know (reported by ``url_problem``).
     """
     parts = urlsplit(url)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    ours = [value for name, value in pairs if name == "near_cache"]
+    ours = [value for name, value in parse_qsl(parts.query, keep_blank_values=True) if name == "near_cache"]
     if not ours:
         return url, None
-    rest = urlencode([(name, value) for name, value in pairs if name != "near_cache"])
+    # The other options are kept exactly as written (re-encoding could change a password).
+    rest = "&".join(item for item in parts.query.split("&") if item.partition("=")[0] != "near_cache")
     return urlunsplit(parts._replace(query=rest)), _SWITCH.get(ours[-1].lower())
 
 
