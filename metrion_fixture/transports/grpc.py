@@ -19,8 +19,8 @@ build yourself, use :func:`intercept_channel` (sync) or pass :func:`aio_intercep
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import grpc
 import grpc.aio
@@ -29,7 +29,9 @@ from ..core.directives import KEY_HEADER, MODE_HEADER
 from ..core.engine import BYPASS, ERROR, HIT, Plan, plan_prompt
 from ..core.entry import Entry
 from ..core.exchange import (
+    Lookup,
     Release,
+    Step,
     _record,
     arun_store_steps,
     may_wait,
@@ -58,6 +60,13 @@ _HTTP_STATUS = {
 }
 
 
+class Refusal(NamedTuple):
+    """The cache answers a call with this gRPC error instead of calling xAI."""
+
+    code: grpc.StatusCode
+    message: str
+
+
 def response_class(stream: bool) -> Any:
     """The protobuf class of a chat answer: a chunk of ``GetCompletionChunk`` or ``GetCompletion``'s response."""
     from xai_sdk.proto import chat_pb2
@@ -83,9 +92,24 @@ class _Prepared:
     def own_entry(self, found: Any) -> Entry | None:
         return own_entry(self.plan, found)
 
-    def after_read(self, found: Any) -> tuple[grpc.StatusCode, str] | Entry | None:
-        """What the store's answer means, for sync and async alike: an error (code, message) to
-        answer with, the entry to replay (a hit, recorded), or None to call the provider."""
+    def lookup(self) -> Generator[Step, Any, Refusal | Entry | Release | None]:
+        """The cache's part of a call, for sync and async alike (they perform its store steps):
+        a refusal to answer with, the entry to replay (a hit, recorded), or None / the
+        single-flight lock to hold while calling the provider."""
+        plan, session = self.plan, self.session
+        if plan.error is not None:
+            return self.invalid()
+        if not plan.read:
+            return None
+        found = yield Lookup(plan.storage_key)
+        verdict = self.after_read(found)
+        if verdict is None and may_wait(session, plan, found):
+            verdict = self.after_turn((yield from take_turn(session, plan)))
+        return verdict
+
+    def after_read(self, found: Any) -> Refusal | Entry | None:
+        """What the store's answer means: a refusal to answer with, the entry to replay (a hit,
+        recorded), or None to call the provider."""
         if isinstance(found, BaseException) and self.plan.read_only:
             return self.store_down(found)
         entry = self.own_entry(found)
@@ -129,30 +153,30 @@ class _Prepared:
             extra={"usage": usage.as_dict()} if usage is not None else {},
         ).encode()
 
-    def replay_miss(self) -> tuple[grpc.StatusCode, str]:
+    def replay_miss(self) -> Refusal:
         plan = self.plan
         self.record(ERROR, 504)
-        return (
+        return Refusal(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"metrion cache: no cached answer for model {plan.model!r} (key {plan.key}) and the cache is in "
             "replay mode, so the provider was not called; run once with mode 'true' (or 'refresh') and a "
             "provider key to record it",
         )
 
-    def store_down(self, error: BaseException) -> tuple[grpc.StatusCode, str]:
+    def store_down(self, error: BaseException) -> Refusal:
         plan = self.plan
         self.record(ERROR, 504)
-        return (
+        return Refusal(
             grpc.StatusCode.UNAVAILABLE,
             f"metrion cache: the cache store could not be read ({type(error).__name__}: {error}) and the "
             f"cache is in replay mode, so the provider was not called for model {plan.model!r} "
             f"(key {plan.key}); check the store URL and that the store is running",
         )
 
-    def invalid(self) -> tuple[grpc.StatusCode, str]:
+    def invalid(self) -> Refusal:
         assert self.plan.error is not None
         self.record(ERROR, 400)
-        return grpc.StatusCode.INVALID_ARGUMENT, b"".join(self.plan.error.chunks).decode()
+        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, b"".join(self.plan.error.chunks).decode())
 
     def tags(self, outcome: str | None = None) -> list[tuple[str, str]]:
         return [(MODE_HEADER, outcome or self.plan.outcome), (KEY_HEADER, self.plan.key)]
@@ -388,20 +412,12 @@ class CacheInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientI
 
     def _lookup(self, prepared: _Prepared) -> tuple[Any, Release | None]:
         """A _Done/_Failed answer from the cache, or (None, the single-flight lock if taken) to call the provider."""
-        plan, session = prepared.plan, prepared.session
-        if plan.error is not None:
-            return _Failed(*prepared.invalid(), prepared.tags(ERROR)), None
-        if not plan.read:
-            return None, None
-        found = session.read(plan.storage_key)
-        verdict = prepared.after_read(found)
-        if verdict is None and may_wait(session, plan, found):
-            verdict = prepared.after_turn(run_store_steps(session, take_turn(session, plan)))
-        if verdict is None or isinstance(verdict, Release):  # (a Release is a tuple too: first)
-            return None, verdict
-        if isinstance(verdict, tuple):
+        verdict = run_store_steps(prepared.session, prepared.lookup())
+        if isinstance(verdict, Refusal):
             return _Failed(*verdict, prepared.tags(ERROR)), None
-        if plan.stream:
+        if verdict is None or isinstance(verdict, Release):
+            return None, verdict
+        if prepared.plan.stream:
             return _Replay(verdict.chunks, prepared.age_tag(verdict)), None
         return _Done(response_class(False).FromString(verdict.chunks[0]), prepared.age_tag(verdict)), None
 
@@ -486,16 +502,8 @@ class _AsyncBase:
     async def _lookup(self, prepared: _Prepared) -> Entry | Release | None:
         """The stored entry to answer with, or None / the single-flight lock taken to call the
         provider; raises the cache's own errors."""
-        plan, session = prepared.plan, prepared.session
-        if plan.error is not None:
-            raise _aio_error(*prepared.invalid(), prepared.tags(ERROR))
-        if not plan.read:
-            return None
-        found = await session.aread(plan.storage_key)
-        verdict = prepared.after_read(found)
-        if verdict is None and may_wait(session, plan, found):
-            verdict = prepared.after_turn(await arun_store_steps(session, take_turn(session, plan)))
-        if isinstance(verdict, tuple) and not isinstance(verdict, Release):
+        verdict = await arun_store_steps(prepared.session, prepared.lookup())
+        if isinstance(verdict, Refusal):
             raise _aio_error(*verdict, prepared.tags(ERROR))
         return verdict
 
