@@ -18,7 +18,7 @@ from pathlib import Path
 
 from common import Context, Row, ask, floor_transport, interleaved, ms, p50, percentile, sdk
 
-from metrion_fixture.session import CacheSession
+from metrion_fixture.runtime.session import CacheSession
 from metrion_fixture.transports.httpx2 import CacheTransport
 
 TARGETS = {"memory": 1.2, "sqlite": 1.2, "redis": 1.3}

@@ -1,6 +1,6 @@
 """4. Miss overhead: a streamed miss through the cache vs. straight to a loopback provider.
 
-The provider is the simulated one from ``metrion_fixture.demo.provider``, with 100 ms
+The provider is the simulated one from ``metrion_fixture.testing.provider``, with 100 ms
 before the first event and 2 ms between events, so that a stream takes a while to arrive
 (a real provider takes seconds: the absolute overhead in ms is printed too). Every
 request asks a new question, so every one through the cache is a miss that
@@ -18,8 +18,8 @@ import anthropic
 import httpx2
 from common import Context, Row, ms, p50
 
-from metrion_fixture.demo.provider import SimulatedProvider
-from metrion_fixture.session import CacheSession
+from metrion_fixture.testing.provider import SimulatedProvider
+from metrion_fixture.runtime.session import CacheSession
 from metrion_fixture.transports.httpx2 import CacheTransport
 
 _questions = itertools.count()

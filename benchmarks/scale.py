@@ -22,7 +22,7 @@ import redis
 from common import MESSAGES, MODEL, Context, Row, ask, floor_transport, interleaved, ms, p50, percentile, sdk, timed
 
 from metrion_fixture.core.key import cache_key
-from metrion_fixture.session import CacheSession
+from metrion_fixture.runtime.session import CacheSession
 from metrion_fixture.transports.httpx2 import CacheTransport
 
 TOOL_SIZES = (1, 100, 500)

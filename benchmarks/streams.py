@@ -14,7 +14,7 @@ from typing import Any
 import httpx2
 from common import MESSAGES, MODEL, Context, Row, interleaved, ms, p50, percentile, sdk
 
-from metrion_fixture.session import CacheSession
+from metrion_fixture.runtime.session import CacheSession
 from metrion_fixture.transports.httpx2 import CacheTransport
 
 EVENTS = 2000

@@ -6,8 +6,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .core.breaker import DEFAULT_COOLDOWN_SECONDS
-from .session import DEFAULT_SINGLE_FLIGHT_WAIT, CacheSession, pop_scoped, push_scoped, set_enabled
-from .transports import patching
+from .runtime.activation import (
+    enter_context_block,
+    enter_process_block,
+    exit_context_block,
+    exit_process_block,
+    set_enabled,
+)
+from .runtime.session import DEFAULT_SINGLE_FLIGHT_WAIT, CacheSession
+from .integrations import patching
 
 
 def enable(
@@ -62,7 +69,11 @@ def cache(
     scope: str | None = None,
     single_flight_wait: float = DEFAULT_SINGLE_FLIGHT_WAIT,
 ) -> Iterator[CacheSession]:
-    """Cache LLM requests inside the block; nestable, and restores what was active before."""
+    """Cache LLM requests made inside the block by this thread or task (and the tasks it starts).
+
+    Nestable, and restores what was active before. A sibling task or another thread is not
+    covered: see :mod:`metrion_fixture.runtime.activation`.
+    """
     if session is None:
         session = CacheSession(
             url,
@@ -75,10 +86,23 @@ def cache(
             single_flight_wait=single_flight_wait,
         )
     patching.install()
-    push_scoped(session)
+    token = enter_context_block(session)
     try:
         yield session
     finally:
-        pop_scoped(session)
+        exit_context_block(token)
+        patching.uninstall()
+        session.flush_ledger()
+
+
+@contextmanager
+def covering_process(session: CacheSession) -> Iterator[CacheSession]:
+    """Cache every thread's LLM requests while the block runs: a pytest test, a notebook cell."""
+    patching.install()
+    enter_process_block(session)
+    try:
+        yield session
+    finally:
+        exit_process_block(session)
         patching.uninstall()
         session.flush_ledger()

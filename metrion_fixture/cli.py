@@ -11,8 +11,8 @@ from typing import Any
 
 from .core.directives import check_ttl
 from .errors import MetrionCacheError
-from .reports import GROUPINGS, StoredEntry, answer_text, entries, render_entries, render_report, stats
-from .session import URL_ENV
+from .reporting.reports import GROUPINGS, StoredEntry, answer_text, entries, render_entries, render_report, stats
+from .runtime.session import URL_ENV
 from .stores import default_store_url, open_store
 from .stores.base import Store
 
@@ -175,7 +175,7 @@ def import_cassettes_command(args: argparse.Namespace) -> int:
     try:
         import vcr  # noqa: F401
 
-        from .cassettes import import_cassettes
+        from .integrations.cassettes import import_cassettes
     except ImportError:
         print("metrion-cache import-cassettes needs vcrpy to read the cassettes: pip install vcrpy", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 import metrion_fixture
-from metrion_fixture.demo.provider import SimulatedProvider
+from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.stores import open_store
 
 REDIS_URL = os.environ.get("METRION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

@@ -11,11 +11,12 @@ from provider_sdk_calls import call as provider_call
 from sdk_calls import call
 
 import metrion_fixture
-from metrion_fixture import ledger, prices
+from metrion_fixture.runtime import ledger
+from metrion_fixture.reporting import prices
 from metrion_fixture.cli import main
 from metrion_fixture.core.stats import CallRecord
 from metrion_fixture.demo.faq_bot import DEMO_NAMESPACE, run_demo
-from metrion_fixture.ledger import PREFIX, StoredLedger, read_records, retention_seconds, trim
+from metrion_fixture.runtime.ledger import PREFIX, StoredLedger, read_records, retention_seconds, trim
 from metrion_fixture.stores import open_store
 
 

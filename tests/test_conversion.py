@@ -12,7 +12,7 @@ import sdk_calls
 from test_conversion_property import STREAMS
 
 import metrion_fixture
-from metrion_fixture.core.exchange import import_recorded
+from metrion_fixture.core.flow import import_recorded
 from metrion_fixture.formats import FORMATS_BY_NAME
 
 SDK_FORMATS = {

@@ -343,7 +343,7 @@ def test_ini_beats_environment_and_command_line_beats_ini(suite, provider, monke
 PLAIN = """
 import os
 
-from metrion_fixture.transports import patching
+from metrion_fixture.integrations import patching
 
 from llm import ask_openai
 

@@ -18,7 +18,7 @@ from sdk_calls import QUESTION, call
 import metrion_fixture
 from metrion_fixture.core import entry as entry_module
 from metrion_fixture.core.entry import Entry
-from metrion_fixture.demo.provider import SimulatedProvider
+from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.stores import open_store
 
 ROOT = Path(__file__).resolve().parents[1]

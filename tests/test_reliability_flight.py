@@ -19,7 +19,7 @@ import httpx2
 import pytest
 
 from metrion_fixture import CacheSession
-from metrion_fixture.demo.provider import SimulatedProvider
+from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.stores import open_store
 from metrion_fixture.transports.httpx2 import AsyncCacheTransport, CacheTransport
 

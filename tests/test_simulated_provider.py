@@ -17,7 +17,7 @@ import httpx2
 import openai
 import pytest
 
-from metrion_fixture.demo.provider import DELIVERY_ANSWER, ReceivedCall, SimulatedProvider
+from metrion_fixture.testing.provider import DELIVERY_ANSWER, ReceivedCall, SimulatedProvider
 
 ANTHROPIC_EVENTS = [
     "message_start",

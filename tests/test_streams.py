@@ -19,7 +19,7 @@ from sdk_calls import QUESTION, SDKS, call
 
 import metrion_fixture
 from metrion_fixture.core.entry import Entry
-from metrion_fixture.demo.provider import SimulatedProvider
+from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.formats import ANTHROPIC_MESSAGES, OPENAI_CHAT, StreamWatcher
 
 LIBS = {"httpx": httpx, "httpx2": httpx2}

@@ -20,7 +20,7 @@ import metrion_fixture
 import metrion_fixture.transports.httpx as mf_httpx
 import metrion_fixture.transports.httpx2 as mf_httpx2
 from metrion_fixture.core.entry import Entry
-from metrion_fixture.transports import patching
+from metrion_fixture.integrations import patching
 
 LIBS = {"httpx": httpx, "httpx2": httpx2}
 CACHE_TRANSPORTS = {"httpx": mf_httpx, "httpx2": mf_httpx2}

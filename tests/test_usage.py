@@ -11,7 +11,7 @@ from sdk_calls import call as sdk_call
 from metrion_fixture import MetrionCacheError
 from metrion_fixture.core.entry import Entry
 from metrion_fixture.formats import FORMATS_BY_NAME, Usage
-from metrion_fixture.prices import PRICES_ENV, cost_usd, price_for, provider_of, use_prices
+from metrion_fixture.reporting.prices import PRICES_ENV, cost_usd, price_for, provider_of, use_prices
 
 
 def sse(*events: tuple[str | None, object]) -> list[bytes]:
@@ -250,7 +250,7 @@ def test_bypassed_calls_have_unknown_tokens(provider, memory_session):
 
 def test_the_pytest_summary_shows_tokens_and_dollars_saved(provider, memory_session):
     """The plugin's summary line adds the tokens (and dollars) hits saved, taken from the session stats."""
-    from metrion_fixture.pytest_plugin import _empty_totals, _State, summary_lines  # noqa: PLC0415
+    from metrion_fixture.integrations.pytest_plugin import _empty_totals, _State, summary_lines  # noqa: PLC0415
 
     for _ in range(2):
         sdk_call("openai", provider.url, model="gpt-4o")
@@ -265,7 +265,7 @@ def test_the_pytest_summary_shows_tokens_and_dollars_saved(provider, memory_sess
 
 def test_the_notebook_report_shows_tokens_and_dollars_saved():
     """A cell's report line names the tokens its hits saved and their price."""
-    from metrion_fixture.magic import CacheReport  # noqa: PLC0415
+    from metrion_fixture.integrations.ipython import CacheReport  # noqa: PLC0415
 
     report = CacheReport(from_cache=2, from_provider=1, saved_seconds=1.0, saved_tokens=1234, saved_usd=0.0021)
     assert "1,234 tokens saved ($0.0021)" in report.text

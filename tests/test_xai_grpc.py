@@ -4,6 +4,7 @@ built from the SDK's own chat servicer, cached like every other format."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 import uuid
@@ -423,8 +424,10 @@ def test_show_prints_a_grok_answer_as_json_not_protobuf_bytes(memory_session, fa
 def test_identical_concurrent_cold_calls_make_one_server_call(memory_session, fake, host, stream):
     """Six threads ask the same new question at once: xAI is called once, the others get its entry."""
     text = f"SLOW {uuid.uuid4().hex}"
+    # Threads start with an empty context: each runs in a copy of this one, inside its cache() block.
     with futures.ThreadPoolExecutor(6) as pool:
-        answers = list(pool.map(lambda _: run_sync(host, text, stream), range(6)))
+        calls = [pool.submit(contextvars.copy_context().run, run_sync, host, text, stream) for _ in range(6)]
+        answers = [call.result() for call in calls]
     assert fake.call_count == 1
     assert answers == [answers[0]] * 6 and answers[0][0] == "".join(WORDS)
     assert sorted(call.status for call in memory_session.calls) == ["HIT"] * 5 + ["MISS"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ..api import cache
-from .provider import SimulatedProvider
+from ..testing.provider import SimulatedProvider
 
 DEMO_NAMESPACE = "metrion-demo"
 

@@ -1,7 +1,7 @@
 """xAI's gRPC chat API (the official ``xai-sdk``): ``xai_api.Chat/GetCompletion`` and ``GetCompletionChunk``.
 
 It is not HTTP, so it is not listed in :data:`~metrion_fixture.formats.WIRE_FORMATS` (no URL
-matches it): :mod:`metrion_fixture.transports.grpc` intercepts the SDK's channel and plans the
+matches it): :mod:`metrion_fixture.integrations.grpc` intercepts the SDK's channel and plans the
 call with :func:`~metrion_fixture.core.engine.plan_prompt`. Entries hold the serialized protobuf
 responses (one for ``GetCompletion``, one per chunk for ``GetCompletionChunk``). Importing this
 module imports neither grpc nor protobuf.
@@ -31,8 +31,6 @@ class XaiGrpc(WireFormat):
         return {"code": status, "error": message}
 
     def usage(self, chunks: list[bytes], stream: bool) -> Usage | None:
-        from ..transports.grpc import response_class  # protobuf, imported only when used
-
         found = None
         for chunk in chunks:  # a stream reports its totals in its last chunks
             message = response_class(stream).FromString(chunk)
@@ -51,8 +49,6 @@ class XaiGrpc(WireFormat):
         # Serialized protobuf messages, shown in the JSON form protobuf defines for them.
         from google.protobuf.json_format import MessageToJson
 
-        from ..transports.grpc import response_class
-
         try:
             messages = [response_class(stream).FromString(bytes(chunk)) for chunk in chunks]
         except Exception:  # noqa: BLE001 - not our protobuf (a damaged or foreign value): show nothing special
@@ -63,3 +59,10 @@ class XaiGrpc(WireFormat):
 
 
 WIRE_FORMAT = XaiGrpc()
+
+
+def response_class(stream: bool) -> Any:
+    """The protobuf class of a chat answer: a chunk of ``GetCompletionChunk`` or ``GetCompletion``'s response."""
+    from xai_sdk.proto import chat_pb2  # protobuf, imported only when used
+
+    return chat_pb2.GetChatCompletionChunk if stream else chat_pb2.GetChatCompletionResponse

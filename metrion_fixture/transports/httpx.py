@@ -1,14 +1,5 @@
-"""Cache transports for httpx: ``CacheTransport`` and ``AsyncCacheTransport``.
+"""Kept for users who import it here: see :mod:`metrion_fixture.integrations.httpx`."""
 
-client = httpx.Client(transport=CacheTransport(httpx.HTTPTransport(), url="redis://localhost"))
-"""
-
-import httpx as _httpx
-
-from .shell import build_transports
-
-_built = build_transports(_httpx)
-CacheTransport = _built.CacheTransport
-AsyncCacheTransport = _built.AsyncCacheTransport
+from ..integrations.httpx import AsyncCacheTransport, CacheTransport
 
 __all__ = ["AsyncCacheTransport", "CacheTransport"]

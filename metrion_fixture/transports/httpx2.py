@@ -1,14 +1,5 @@
-"""Cache transports for httpx2, which anthropic 2.x and openai 3.x use: ``CacheTransport``, ``AsyncCacheTransport``.
+"""Kept for users who import it here: see :mod:`metrion_fixture.integrations.httpx2`."""
 
-client = httpx2.Client(transport=CacheTransport(httpx2.HTTPTransport(), url="redis://localhost"))
-"""
-
-import httpx2 as _httpx
-
-from .shell import build_transports
-
-_built = build_transports(_httpx)
-CacheTransport = _built.CacheTransport
-AsyncCacheTransport = _built.AsyncCacheTransport
+from ..integrations.httpx2 import AsyncCacheTransport, CacheTransport
 
 __all__ = ["AsyncCacheTransport", "CacheTransport"]

@@ -17,8 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import MetrionCacheError
-from .formats.base import Usage
+from ..errors import MetrionCacheError
+from ..formats.base import Usage
 
 if sys.version_info >= (3, 11):
     import tomllib

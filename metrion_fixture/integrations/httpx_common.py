@@ -2,7 +2,7 @@
 
 httpx and httpx2 share their transport API, so one factory builds the classes
 for either from the library's module. The shells only perform the steps that
-:func:`metrion_fixture.core.exchange.exchange` asks for; every decision is there.
+:func:`metrion_fixture.core.flow.exchange` asks for; every decision is there.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from types import ModuleType, SimpleNamespace
 from typing import Any
 
 from ..core.engine import Recorder, Reply
-from ..core.exchange import (
+from ..core.flow import (
     Acquire,
     Answer,
     Forward,
@@ -29,7 +29,7 @@ from ..core.exchange import (
     Write,
     exchange,
 )
-from ..session import CacheSession
+from ..runtime.session import CacheSession
 
 SessionSource = Callable[[], "CacheSession | None"]
 _KEPT_EXTENSIONS = ("http_version", "reason_phrase")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-from ..session import active_session
+from ..runtime.activation import active_session
 
 HTTP_LIBRARIES = ("httpx", "httpx2")
 _WRAPPER_ATTRIBUTE = "_metrion_cache_wrapper"

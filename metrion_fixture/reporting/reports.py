@@ -12,11 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .core.entry import CorruptEntry, Entry
-from .formats import STORED_FORMATS_BY_NAME
-from .ledger import PREFIX as LEDGER_PREFIX
-from .ledger import read_records
-from .stores.base import Store
+from ..core.entry import CorruptEntry, Entry
+from ..formats import STORED_FORMATS_BY_NAME
+from ..runtime.ledger import PREFIX as LEDGER_PREFIX
+from ..runtime.ledger import read_records
+from ..stores.base import Store
 
 GROUPINGS = ("model", "provider", "day", "namespace")
 

@@ -2,7 +2,7 @@
 
 vcrpy reads the files (its own loader and serializers: YAML or JSON, the httpx and
 httpx2 recordings included); each recorded exchange then goes through the same
-engine as live traffic (:func:`metrion_fixture.core.exchange.import_recorded`), so
+engine as live traffic (:func:`metrion_fixture.core.flow.import_recorded`), so
 it is keyed, filtered and stored exactly as the live answer would have been.
 Interactions that are not LLM requests, or whose answer was not a success, are
 skipped and reported.
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .core.exchange import import_recorded
-from .session import CacheSession
+from ..core.flow import import_recorded
+from ..runtime.session import CacheSession
 
 CASSETTE_SUFFIXES = (".yaml", ".yml", ".json")
 

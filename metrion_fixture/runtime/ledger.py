@@ -21,9 +21,9 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .core.directives import check_ttl
-from .core.stats import CallRecord
-from .stores.base import Store
+from ..core.directives import check_ttl
+from ..core.stats import CallRecord
+from ..stores.base import Store
 
 PREFIX = "_ledger:"
 DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600

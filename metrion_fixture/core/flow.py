@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ..formats import Usage, wire_format_for
-from ..prices import cost_usd, price_source, provider_of
+from ..reporting.prices import cost_usd, price_source, provider_of
 from .directives import MODE_HEADER
 from .engine import (
     ERROR,
@@ -39,7 +39,7 @@ from .engine import (
 from .stats import CallRecord
 
 if TYPE_CHECKING:
-    from ..session import CacheSession
+    from ..runtime.session import CacheSession
 
 
 # The steps a shell performs.

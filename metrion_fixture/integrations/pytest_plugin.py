@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .core.directives import check_namespace, check_session_mode, check_ttl
-from .core.scope import SCOPE_ENV, check_scope
-from .errors import MetrionCacheError
+from ..core.directives import check_namespace, check_session_mode, check_ttl
+from ..core.scope import SCOPE_ENV, check_scope
+from ..errors import MetrionCacheError
 
 if TYPE_CHECKING:
-    from .session import CacheSession
-    from .stores.base import Store
+    from ..runtime.session import CacheSession
+    from ..stores.base import Store
 
 MARKER = "metrion_cache"
 FIXTURE = "metrion_cache"
@@ -198,7 +198,7 @@ class _State:
         return merged
 
     def open_session(self, settings: dict[str, Setting]) -> CacheSession:
-        from .session import CacheSession
+        from ..runtime.session import CacheSession
 
         problem = None
         for name, check in _CHECKS.items():  # the run's own settings were checked at start-up; a marker's are not
@@ -327,14 +327,14 @@ def metrion_cache(request: pytest.FixtureRequest) -> Iterator[CacheSession]:
     this test's requests only. Settings: ``@pytest.mark.metrion_cache(...)``, then
     the command line, the ini file, the environment.
     """
-    from .api import cache
+    from ..api import covering_process
 
     state = request.config.stash[_STATE]
     settings = state.settings_for(request.node)
     session = state.open_session(settings)
     request.node.stash[_ACTIVE] = (session, settings)
     try:
-        with cache(session=session):
+        with covering_process(session):
             yield session
     finally:
         state.finish(request.node.nodeid, session)

@@ -28,10 +28,11 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
 
-from . import api
-from .core.stats import Ledger
-from .errors import MetrionCacheError
-from .session import CacheSession, active_session, enabled_session
+from ..api import covering_process, disable, enable
+from ..core.stats import Ledger
+from ..errors import MetrionCacheError
+from ..runtime.activation import active_session, enabled_session
+from ..runtime.session import CacheSession
 
 __all__ = ["CacheReport", "MetrionCacheMagics", "begin_cell", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -179,7 +180,7 @@ class _Cell:
 
 
 def _open_block(session: CacheSession) -> AbstractContextManager[CacheSession]:
-    block = api.cache(session=session)
+    block = covering_process(session)
     block.__enter__()
     return block
 
@@ -263,7 +264,7 @@ class MetrionCacheMagics(Magics):
 
     def _on(self, args: Any) -> None:
         try:
-            session = api.enable(**self._session_options(args))
+            session = enable(**self._session_options(args))
         except MetrionCacheError as error:
             raise _error(error) from None
         cell = self._current_cell()
@@ -281,7 +282,7 @@ class MetrionCacheMagics(Magics):
             cell.watch(enabled_session())  # this cell's calls before 'off' still count in its report
             self._end_refresh(cell)
         was_on = enabled_session() is not None
-        api.disable()
+        disable()
         print("metrion cache: off" if was_on else "metrion cache: off (it was not on)")
 
     def _refresh(self, args: Any) -> None:
@@ -373,7 +374,7 @@ class MetrionCacheMagics(Magics):
             )
         cell = self._current_cell() or _Cell(info=None)
         session = self._cell_session(args, cell)
-        with api.cache(session=session):
+        with covering_process(session):
             self.shell.run_cell(body)
 
     def _awaits(self, body: str) -> bool:
@@ -497,7 +498,7 @@ def rewrite_cell_magic(lines: list[str]) -> list[str]:
     if match is None:
         return lines
     options = match.group("options") or ""
-    return [f"__import__('metrion_fixture.magic').magic.begin_cell(get_ipython(), {options!r})\n", *lines[1:]]
+    return [f"__import__('metrion_fixture.integrations.ipython').integrations.ipython.begin_cell(get_ipython(), {options!r})\n", *lines[1:]]
 
 
 # Leave it out of IPython's "is this cell complete?" check, so a terminal still waits for the body.
@@ -541,4 +542,4 @@ def unload_ipython_extension(ipython: Any) -> None:
         ipython.magics_manager.magics[kind].pop(MAGIC, None)
     while rewrite_cell_magic in ipython.input_transformers_cleanup:
         ipython.input_transformers_cleanup.remove(rewrite_cell_magic)
-    api.disable()
+    disable()
