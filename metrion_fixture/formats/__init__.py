@@ -7,10 +7,11 @@ listing it here; the engine asks each in turn whether a request is its own.
 from __future__ import annotations
 
 from .anthropic import WIRE_FORMAT as ANTHROPIC_MESSAGES
-from .base import Prompt, StreamWatcher, Usage, WireFormat
+from .base import ChunkWatcher, Prompt, StreamWatcher, Usage, WireFormat
 from .gemini import WIRE_FORMAT as GEMINI
 from .openai_chat import WIRE_FORMAT as OPENAI_CHAT
 from .openai_responses import WIRE_FORMAT as OPENAI_RESPONSES
+from .sse import Event, SSEDecoder
 from .xai_grpc import WIRE_FORMAT as XAI_GRPC
 
 WIRE_FORMATS: tuple[WireFormat, ...] = (ANTHROPIC_MESSAGES, OPENAI_CHAT, OPENAI_RESPONSES, GEMINI)
@@ -27,10 +28,13 @@ def wire_format_for(method: str, path: str) -> WireFormat | None:
 
 
 __all__ = [
+    "ChunkWatcher",
+    "Event",
     "FORMATS_BY_NAME",
     "STORED_FORMATS_BY_NAME",
     "WIRE_FORMATS",
     "Prompt",
+    "SSEDecoder",
     "StreamWatcher",
     "Usage",
     "WireFormat",

@@ -1,4 +1,4 @@
-"""What every wire format tells the engine, and the SSE scanning they share."""
+"""What every wire format tells the engine, and the helpers the formats share."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .sse import MAX_EVENT_BYTES, Event, SSEDecoder, SSEError
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,14 @@ class WireFormat:
         """A stored answer as text for people (``metrion-cache show``), when its bytes are not text."""
         return None
 
+    def stream_watcher(self) -> ChunkWatcher:
+        """What follows a streamed answer of this format to tell whether it is whole."""
+        return StreamWatcher(self)
+
+    def storable_body(self, body: bytes) -> bool:
+        """Whether a non-streamed answer is a whole answer, worth storing (not truncated, not a gateway's HTML)."""
+        return is_json_object(body)
+
 
 def chat_prompt(body: Any, system: Any = None) -> tuple[str, list[Any]] | None:
     """Model and messages of a chat-shaped body, with an out-of-band system prompt first."""
@@ -108,84 +118,75 @@ def chat_prompt(body: Any, system: Any = None) -> tuple[str, list[Any]] | None:
     return model, messages
 
 
-class StreamWatcher:
-    """Follows a server-sent event stream chunk by chunk to see whether it ended cleanly.
+class ChunkWatcher:
+    """Follows a stream chunk by chunk as it passes to the caller: did it end, did it fail?
 
-    Only the event framing is parsed (lines, ``event:`` and ``data:`` fields); the
-    wire format decides which event ends the stream and which one is an error.
+    The engine stores a stream only if it ``ended`` (or, for formats without a terminator,
+    its body ended cleanly, after :meth:`close`) and never ``failed``. This base reads
+    nothing: it suits streams whose chunks say nothing about completeness (gRPC messages),
+    which are complete when their transport ends cleanly.
     """
 
-    __slots__ = ("_format", "_pending", "_event", "_data", "ended", "failed")
+    __slots__ = ("ended", "failed")
 
-    def __init__(self, wire_format: WireFormat) -> None:
-        self._format = wire_format
-        # The bytes of an unfinished line, joined only once its line break arrives: a long
-        # event in small chunks then costs linear time, not a copy of the line per chunk.
-        self._pending: list[bytes] = []
-        self._event: str | None = None
-        self._data: list[str] = []
+    def __init__(self) -> None:
         self.ended = False
         self.failed = False
 
     def feed(self, chunk: bytes) -> None:
+        """One more chunk of the stream, as the provider sent it."""
+
+    def close(self) -> None:
+        """The stream's body ended cleanly: the last chance to find it incomplete."""
+
+
+class StreamWatcher(ChunkWatcher):
+    """Watches a server-sent event stream: the wire format says which event ends it and which is an error.
+
+    An error is final, however the bytes were split. Anything meaningful after the
+    terminator means the stream was misread, and so does an event the body left
+    unfinished or one over the decoder's size bound: all fail.
+    """
+
+    __slots__ = ("_format", "_decoder")
+
+    def __init__(self, wire_format: WireFormat, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+        super().__init__()
+        self._format = wire_format
+        self._decoder = SSEDecoder(max_event_bytes)
+
+    def feed(self, chunk: bytes) -> None:
         if self.failed:
             return
-        if b"\n" not in chunk:
-            if chunk:
-                self._pending.append(chunk)
-            return
-        self._pending.append(chunk)
-        lines = b"".join(self._pending).split(b"\n")
-        tail = lines.pop()
-        self._pending = [tail] if tail else []
-        for raw in lines:
-            if self.failed:  # an error is final, however the bytes were split
+        events = self._decoder.feed(chunk)
+        for event, data in events:
+            verdict = self._format.stream_event(event, data)
+            if verdict == "error":
+                self.failed = True
                 return
-            self._line(raw.rstrip(b"\r").decode("utf-8", "replace"))
-
-    def _line(self, line: str) -> None:
-        if not line:
-            if self._event is not None or self._data:
-                self._dispatch()
-            return
-        if line.startswith(":"):
-            return
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "event":
-            self._event = value
-        elif field == "data":
-            self._data.append(value)
-
-    def _dispatch(self) -> None:
-        verdict = self._format.stream_event(self._event, "\n".join(self._data))
-        self._event, self._data = None, []
-        if verdict == "error":
-            self.failed = True
-        elif verdict == "end":
-            self.ended = True
-        elif self.ended:
-            # Anything meaningful after the terminator means we misread the stream.
+            if verdict == "end":
+                self.ended = True
+            elif self.ended:
+                self.failed = True
+                return
+        if self._decoder.error is not None:
             self.failed = True
 
+    def close(self) -> None:
+        if not self.failed and self._decoder.close():
+            self.failed = True  # the body ended inside an event
 
-def sse_events(chunks: list[bytes]) -> list[tuple[str | None, str]]:
-    """The (event, data) pairs of a whole server-sent event stream."""
-    text = b"".join(chunks).decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
-    events: list[tuple[str | None, str]] = []
-    for block in text.split("\n\n"):
-        event, data = None, []
-        for line in block.split("\n"):
-            if not line or line.startswith(":"):
-                continue
-            field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
-            if field == "event":
-                event = value
-            elif field == "data":
-                data.append(value)
-        if event is not None or data:
-            events.append((event, "\n".join(data)))
+
+def sse_events(chunks: list[bytes]) -> list[Event]:
+    """The (event, data) pairs of a whole server-sent event stream, its unfinished last event included.
+
+    Raises :class:`~.sse.SSEError` (a ValueError) for an event over the size bound.
+    """
+    decoder = SSEDecoder()
+    events = decoder.feed(b"".join(chunks))
+    events += decoder.close()
+    if decoder.error is not None:
+        raise SSEError(decoder.error)
     return events
 
 
@@ -202,6 +203,14 @@ def json_object(data: bytes | str) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise ValueError("not a JSON object")
     return parsed
+
+
+def is_json_object(body: bytes) -> bool:
+    """Whether a body parses as one JSON object."""
+    try:
+        return isinstance(json.loads(body), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def dump(obj: Any) -> bytes:

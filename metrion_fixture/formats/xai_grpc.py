@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Usage, WireFormat
+from .base import ChunkWatcher, Usage, WireFormat
 
 SERVICE = "/xai_api.Chat/"
 # The chat methods the cache serves, and whether they stream.
@@ -29,6 +29,14 @@ class XaiGrpc(WireFormat):
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         return {"code": status, "error": message}
+
+    def stream_watcher(self) -> ChunkWatcher:
+        # Chunks are serialized protobuf messages: no event in them says the stream ended or failed.
+        return ChunkWatcher()
+
+    def storable_body(self, body: bytes) -> bool:
+        # One serialized protobuf message, which is never JSON; an empty one is all defaults, no answer.
+        return bool(body)
 
     def usage(self, chunks: list[bytes], stream: bool) -> Usage | None:
         found = None
