@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from .core.breaker import DEFAULT_COOLDOWN_SECONDS
+from .core.options import CacheOptions
+from .integrations import patching
 from .runtime.activation import (
     enter_context_block,
     enter_process_block,
@@ -13,36 +15,29 @@ from .runtime.activation import (
     exit_process_block,
     set_enabled,
 )
-from .runtime.session import DEFAULT_SINGLE_FLIGHT_WAIT, CacheSession
-from .integrations import patching
+from .runtime.session import CacheSession
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .core.options import CacheOptionValues
 
 
 def enable(
     url: str | None = None,
+    /,
     *,
-    mode: str = "true",
-    ttl: int | str | None = None,
-    namespace: str | None = None,
-    max_entry_bytes: int | None = None,
-    store_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
-    scope: str | None = None,
-    single_flight_wait: float = DEFAULT_SINGLE_FLIGHT_WAIT,
+    options: CacheOptions | None = None,
+    **overrides: Unpack[CacheOptionValues],
 ) -> CacheSession:
     """Cache every LLM request of this process until :func:`disable`.
 
+    Takes the options of :class:`CacheSession` (``mode``, ``ttl``, ``namespace``, ...: see
+    :class:`~metrion_fixture.core.options.CacheOptions`), or ``options`` made beforehand.
     Calling it again replaces the session (the patch stays installed once).
     Options are checked at once: a bad one raises :class:`MetrionCacheError`.
     """
-    session = CacheSession(
-        url,
-        mode=mode,
-        ttl=ttl,
-        namespace=namespace,
-        max_entry_bytes=max_entry_bytes,
-        store_cooldown=store_cooldown,
-        scope=scope,
-        single_flight_wait=single_flight_wait,
-    )
+    session = CacheSession(url, options=options, **overrides)
     if set_enabled(session) is None:
         patching.install()
     return session
@@ -59,32 +54,22 @@ def disable() -> None:
 @contextmanager
 def cache(
     url: str | None = None,
+    /,
     *,
-    mode: str = "true",
-    ttl: int | str | None = None,
-    namespace: str | None = None,
-    max_entry_bytes: int | None = None,
     session: CacheSession | None = None,
-    store_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
-    scope: str | None = None,
-    single_flight_wait: float = DEFAULT_SINGLE_FLIGHT_WAIT,
+    options: CacheOptions | None = None,
+    **overrides: Unpack[CacheOptionValues],
 ) -> Iterator[CacheSession]:
     """Cache LLM requests made inside the block by this thread or task (and the tasks it starts).
 
-    Nestable, and restores what was active before. A sibling task or another thread is not
-    covered: see :mod:`metrion_fixture.runtime.activation`.
+    Takes the options of :func:`enable`, or a ``session`` already made. Nestable, and restores
+    what was active before. A sibling task or another thread is not covered: see
+    :mod:`metrion_fixture.runtime.activation`.
     """
     if session is None:
-        session = CacheSession(
-            url,
-            mode=mode,
-            ttl=ttl,
-            namespace=namespace,
-            max_entry_bytes=max_entry_bytes,
-            store_cooldown=store_cooldown,
-            scope=scope,
-            single_flight_wait=single_flight_wait,
-        )
+        session = CacheSession(url, options=options, **overrides)
+    elif url is not None or options is not None or any(value is not None for value in overrides.values()):
+        raise TypeError("cache() takes a session or options for a new one, not both: the options would be ignored")
     patching.install()
     token = enter_context_block(session)
     try:

@@ -10,11 +10,16 @@ import time
 from typing import Any
 
 from .core.directives import check_ttl
+from .core.options import OPTIONS, URL_ENV, argument_layer, environment_layer, flag_layer, resolve
 from .errors import MetrionCacheError
 from .reporting.reports import GROUPINGS, StoredEntry, answer_text, entries, render_entries, render_report, stats
-from .runtime.session import URL_ENV
+from .runtime.session import CacheSession
 from .stores import default_store_url, open_store
 from .stores.base import Store
+
+# An import replaces what is stored (refresh), and reads each call's record back, so it keeps its records.
+_IMPORT_FIXED: dict[str, object] = {"mode": "refresh"}
+_IMPORT_OPTIONS = tuple(option for option in OPTIONS if option.name not in (*_IMPORT_FIXED, "max_records"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,11 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     imports.add_argument(
         "paths", nargs="+", metavar="PATH", help="cassette files, or folders to search for *.yaml, *.yml, *.json"
     )
-    imports.add_argument(
-        "--url", help="cache store URL (default: METRION_CACHE_URL, else .metrion_cache/cache.sqlite3)"
-    )
-    imports.add_argument("--namespace", help="cache namespace (default: metrion)")
-    imports.add_argument("--ttl", help="how long the entries live: seconds or a duration like 12h, 30d (default 7d)")
+    for option in _IMPORT_OPTIONS:
+        env = option.env if option.env and not option.spec.env_for_pytest_only else None
+        imports.add_argument(
+            option.flag,
+            dest=option.name,
+            metavar=option.spec.metavar,
+            help=option.spec.help + (f"; env: {env}" if env else ""),
+        )
     add_ledger_commands(commands)
     return parser
 
@@ -179,7 +187,9 @@ def import_cassettes_command(args: argparse.Namespace) -> int:
     except ImportError:
         print("metrion-cache import-cassettes needs vcrpy to read the cassettes: pip install vcrpy", file=sys.stderr)
         return 2
-    report = import_cassettes(args.paths, url=args.url, namespace=args.namespace, ttl=args.ttl)
+    given = {option.name: getattr(args, option.name) for option in _IMPORT_OPTIONS}
+    options = resolve(argument_layer(_IMPORT_FIXED), flag_layer(given), environment_layer(os.environ)).options
+    report = import_cassettes(args.paths, session=CacheSession(options=options))
     for skipped in report.skipped:
         print(f"skipped {skipped.method} {skipped.uri} ({skipped.cassette}): {skipped.reason}")
     for cassette, why in report.unreadable:

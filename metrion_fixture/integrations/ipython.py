@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import os
 import re
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from ..api import covering_process, disable, enable
+from ..core.options import OPTIONS, CacheOptions, InvalidOption, environment_layer, flag_layer, resolve
 from ..core.stats import Ledger
 from ..errors import MetrionCacheError
 from ..runtime.activation import active_session, enabled_session
@@ -39,12 +41,26 @@ __all__ = ["CacheReport", "MetrionCacheMagics", "begin_cell", "load_ipython_exte
 MAGIC = "metrion_cache"
 ACTIONS = ("on", "off", "refresh", "status", "clear")
 USAGE = (
-    "%metrion_cache on|off|refresh|status|clear [--url URL] [--ttl SECONDS] [--mode MODE] [--namespace NS]"
-    " [--scope SCOPE]"
-    " (or %%metrion_cache [options] on the first line of a cell)"
+    "%metrion_cache on|off|refresh|status|clear "
+    + " ".join(f"[{option.flag} {option.spec.metavar}]" for option in OPTIONS)
+    + " (or %%metrion_cache [options] on the first line of a cell)"
 )
-_SESSION_OPTIONS = ("url", "ttl", "mode", "namespace", "scope")
+_SESSION_OPTIONS = tuple(option.name for option in OPTIONS)
 _OPTIONS_TAKEN = {"on": _SESSION_OPTIONS, "off": (), "refresh": (), "status": (), "clear": ("url", "namespace")}
+_FLAG = {option.name: option.flag for option in OPTIONS}
+
+
+def _option_arguments(magic: Any) -> Any:
+    """One flag per option of :class:`CacheOptions`, after the action, in the order of its fields."""
+    for option in reversed(OPTIONS):  # IPython adds the arguments in the reverse order of their decorators
+        env = option.env if option.env and not option.spec.env_for_pytest_only else None
+        magic = argument(
+            option.flag,
+            dest=option.name,
+            metavar=option.spec.metavar,
+            help=option.spec.help + (f"; env: {env}" if env else ""),
+        )(magic)
+    return magic
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -214,26 +230,7 @@ class MetrionCacheMagics(Magics):
         "the provider and replace their cached answers; status: store, mode, TTL, namespace and counts; "
         "clear: delete this namespace's entries. Without an action: status. Not used by %%%%metrion_cache.",
     )
-    @argument(
-        "--url",
-        help="the store: sqlite:///relative/path or sqlite:////absolute/path, redis://host:6379/0, "
-        "memory://name (default: METRION_CACHE_URL, else .metrion_cache/cache.sqlite3 under the "
-        "current directory, which survives a kernel restart)",
-    )
-    @argument("--ttl", metavar="SECONDS", help="how long answers are kept: seconds, or 90m, 12h, 7d (default 7 days)")
-    @argument(
-        "--mode",
-        metavar="MODE",
-        help="true (default: read and store), refresh (always call, replace), off (only requests "
-        "with an x-metrion-cache header), replay (read only: a miss is an error)",
-    )
-    @argument("--namespace", metavar="NS", help="keeps these entries apart from others (default: metrion)")
-    @argument(
-        "--scope",
-        metavar="SCOPE",
-        help="shared (default: entries shared within the namespace) or credential (entries private to the "
-        "API key that paid for them)",
-    )
+    @_option_arguments
     @line_cell_magic
     def metrion_cache(self, line: str, cell: str | None = None) -> None:
         """Cache LLM calls (Anthropic, OpenAI and compatible SDKs, sync and async) in this kernel.
@@ -255,7 +252,7 @@ class MetrionCacheMagics(Magics):
         args = self._parse(line)
         action = args.action or "status"
         given = [name for name in _SESSION_OPTIONS if getattr(args, name) is not None]
-        unwanted = [f"--{name}" for name in given if name not in _OPTIONS_TAKEN[action]]
+        unwanted = [_FLAG[name] for name in given if name not in _OPTIONS_TAKEN[action]]
         if unwanted:
             raise _error(f"'{action}' takes no {' or '.join(unwanted)} option; usage: {USAGE}")
         getattr(self, f"_{action}")(args)
@@ -264,7 +261,7 @@ class MetrionCacheMagics(Magics):
 
     def _on(self, args: Any) -> None:
         try:
-            session = enable(**self._session_options(args))
+            session = enable(options=self._session_options(args))
         except MetrionCacheError as error:
             raise _error(error) from None
         cell = self._current_cell()
@@ -335,7 +332,7 @@ class MetrionCacheMagics(Magics):
         session = active_session()
         if session is None or args.url is not None or args.namespace is not None:
             try:
-                session = CacheSession(args.url, namespace=args.namespace)
+                session = CacheSession(options=self._session_options(args))
             except MetrionCacheError as error:
                 raise _error(error) from None
         try:
@@ -387,9 +384,9 @@ class MetrionCacheMagics(Magics):
     def _cell_session(self, args: Any, cell: _Cell) -> CacheSession:
         options = self._session_options(args)
         if cell.refresh_requested and args.mode is None:
-            options["mode"] = "refresh"
+            options = options.replace(mode="refresh")
         try:
-            return CacheSession(**options)
+            return CacheSession(options=options)
         except MetrionCacheError as error:
             raise _error(error) from None
 
@@ -451,14 +448,13 @@ class MetrionCacheMagics(Magics):
             raise _error(f"bad options; usage: {USAGE}") from None
 
     @staticmethod
-    def _session_options(args: Any) -> dict[str, Any]:
-        return {
-            "url": args.url,
-            "ttl": args.ttl,
-            "mode": args.mode or "true",
-            "namespace": args.namespace,
-            "scope": args.scope,
-        }
+    def _session_options(args: Any) -> CacheOptions:
+        """The options the flags give, then the environment's, then the defaults."""
+        given = {name: getattr(args, name) for name in _SESSION_OPTIONS}
+        try:
+            return resolve(flag_layer(given), environment_layer(os.environ)).options
+        except InvalidOption as error:
+            raise _error(error) from None
 
     @staticmethod
     def _describe(session: CacheSession) -> str:
@@ -498,7 +494,8 @@ def rewrite_cell_magic(lines: list[str]) -> list[str]:
     if match is None:
         return lines
     options = match.group("options") or ""
-    return [f"__import__('metrion_fixture.integrations.ipython').integrations.ipython.begin_cell(get_ipython(), {options!r})\n", *lines[1:]]
+    begin = "__import__('metrion_fixture.integrations.ipython').integrations.ipython.begin_cell"
+    return [f"{begin}(get_ipython(), {options!r})\n", *lines[1:]]
 
 
 # Leave it out of IPython's "is this cell complete?" check, so a terminal still waits for the body.

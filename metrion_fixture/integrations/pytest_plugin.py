@@ -6,8 +6,10 @@ Nothing is patched unless a test asks for the cache (the fixture or the marker) 
 :class:`~metrion_fixture.CacheSession` (its own stats and records) over a store that
 is opened once per URL and shared by the whole run.
 
-Settings, strongest first: the marker, the command line, the ini file, the
-environment (``METRION_CACHE_URL``, ``METRION_CACHE_MODE``), the defaults.
+Every option of :class:`~metrion_fixture.core.options.CacheOptions` can be set, strongest
+first, by the marker, the command line (``--metrion-cache-NAME``), the ini file
+(``metrion_cache_NAME``), the environment (``METRION_CACHE_URL``, ``METRION_CACHE_MODE``, ...),
+else its default; the flags, ini keys and marker arguments are derived from its fields.
 
 This module is imported at every pytest start-up: it must stay cheap, so httpx,
 httpx2 and redis are only imported once a test uses the cache.
@@ -16,17 +18,25 @@ httpx2 and redis are only imported once a test uses the cache.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ..core.directives import check_namespace, check_session_mode, check_ttl
-from ..core.scope import SCOPE_ENV, check_scope
+from ..core.options import (
+    MODE_ENV,  # noqa: F401 - importable from here, as before
+    OPTIONS,
+    URL_ENV,
+    InvalidOption,
+    Layer,
+    Option,
+    ResolvedOptions,
+    environment_layer,
+    mask_password,
+    resolve,
+)
 from ..errors import MetrionCacheError
 
 if TYPE_CHECKING:
@@ -35,68 +45,35 @@ if TYPE_CHECKING:
 
 MARKER = "metrion_cache"
 FIXTURE = "metrion_cache"
-URL_ENV = "METRION_CACHE_URL"
-MODE_ENV = "METRION_CACHE_MODE"
-MARKER_KEYS = ("mode", "ttl", "namespace", "url")
+MARKER_KEYS = tuple(option.name for option in OPTIONS)
 WORKER_OUTPUT_KEY = "metrion_cache"
-DEFAULT_MODE = "true"
+_OPTION = {option.name: option for option in OPTIONS}
+# What the report header names first: how the cache behaves and where it keeps its entries.
+_HEADER_FIRST = ("mode", "url")
 
 _COUNTERS = ("hits", "misses", "refreshes", "bypassed", "errors", "store_errors", "stored")
 # What hits saved, from the usage kept with each entry (dollars only for models with a price).
 _SAVINGS = ("saved_input_tokens", "saved_output_tokens", "saved_usd")
 
 
-@dataclass(frozen=True)
-class Setting:
-    value: Any
-    source: str  # "marker", "command line", "ini", "environment" or "default"
-
-
 # --- options ------------------------------------------------------------------------------------
+
+
+def _dest(option: Option) -> str:
+    return f"metrion_cache_{option.name}"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("metrion-cache", "LLM response cache (metrion-fixture)")
-    group.addoption(
-        "--metrion-cache",
-        dest="metrion_cache_mode",
-        metavar="MODE",
-        default=None,
-        help="cache mode for tests that use the cache: true (default; read and write), refresh (call the "
-        "provider, replace entries), off (only requests with an x-metrion-cache header), replay (read "
-        "only: a request that is not cached fails its test, the provider is never called). "
-        f"ini: metrion_cache_mode; env: {MODE_ENV}",
-    )
-    group.addoption(
-        "--metrion-cache-url",
-        dest="metrion_cache_url",
-        metavar="URL",
-        default=None,
-        help="cache store: redis://HOST[:PORT][/DB], rediss://..., sqlite:///PATH or memory://. "
-        f"ini: metrion_cache_url; env: {URL_ENV}; default: .metrion_cache/cache.sqlite3 under the rootdir",
-    )
-    group.addoption(
-        "--metrion-cache-ttl",
-        dest="metrion_cache_ttl",
-        metavar="TTL",
-        default=None,
-        help="how long new entries live: seconds or a duration like 90m, 12h, 7d (default 7d). ini: metrion_cache_ttl",
-    )
-    group.addoption(
-        "--metrion-cache-namespace",
-        dest="metrion_cache_namespace",
-        metavar="NAME",
-        default=None,
-        help="keep this run's entries apart from others' (default: metrion). ini: metrion_cache_namespace",
-    )
-    group.addoption(
-        "--metrion-cache-scope",
-        dest="metrion_cache_scope",
-        metavar="SCOPE",
-        default=None,
-        help="shared (default: entries shared within the namespace) or credential (entries private to the API "
-        f"key that paid for them). ini: metrion_cache_scope; env: {SCOPE_ENV}",
-    )
+    for option in OPTIONS:
+        env = f"; env: {option.env}" if option.env else ""
+        group.addoption(
+            option.pytest_flag,
+            dest=_dest(option),
+            metavar=option.spec.metavar,
+            default=None,
+            help=f"{option.spec.help}. ini: {option.ini}{env}",
+        )
     group.addoption(
         "--metrion-cache-all",
         dest="metrion_cache_all",
@@ -104,45 +81,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="use the cache in every test, without the fixture or the marker. ini: metrion_cache_all",
     )
-    parser.addini("metrion_cache_mode", "cache mode: true, refresh, off or replay (see --metrion-cache)", default="")
-    parser.addini("metrion_cache_url", "cache store URL (see --metrion-cache-url)", default="")
-    parser.addini("metrion_cache_ttl", "TTL of new entries, e.g. 3600 or 7d (see --metrion-cache-ttl)", default="")
-    parser.addini("metrion_cache_namespace", "cache namespace (see --metrion-cache-namespace)", default="")
-    parser.addini("metrion_cache_scope", "cache scope: shared or credential (see --metrion-cache-scope)", default="")
+    for option in OPTIONS:
+        parser.addini(option.ini, f"metrion cache {option.name} (see {option.pytest_flag})", default="")
     parser.addini(
         "metrion_cache_all", "use the cache in every test (see --metrion-cache-all)", type="bool", default=False
     )
 
 
-def _setting(config: pytest.Config, name: str, env: str | None, default: Any) -> Setting:
-    value = config.getoption(f"metrion_cache_{name}")
-    if value is not None and str(value).strip():
-        return Setting(str(value).strip(), "command line")
-    value = config.getini(f"metrion_cache_{name}")
-    if value is not None and str(value).strip():
-        return Setting(str(value).strip(), "ini")
-    if env and os.environ.get(env, "").strip():
-        return Setting(os.environ[env].strip(), "environment")
-    return Setting(default, "default")
+def _run_layers(config: pytest.Config) -> tuple[Layer, ...]:
+    """The command line, the ini file, the environment and the plugin's own default store, strongest first."""
+    default_url = f"sqlite:///{Path(config.rootpath) / '.metrion_cache' / 'cache.sqlite3'}"
+    return (
+        Layer(
+            "command line",
+            {option.name: config.getoption(_dest(option)) for option in OPTIONS},
+            text=True,
+            name_in_messages=lambda option: option.pytest_flag,
+        ),
+        Layer(
+            "ini",
+            {option.name: config.getini(option.ini) for option in OPTIONS},
+            text=True,
+            name_in_messages=lambda option: f"ini option {option.ini}",
+        ),
+        environment_layer(os.environ, for_pytest=True),
+        Layer("default", {"url": default_url}, name_in_messages=lambda option: option.name),
+    )
 
 
-def _describe(setting: Setting, name: str) -> str:
-    where = {
-        "command line": f"--metrion-cache{'' if name == 'mode' else '-' + name}",
-        "ini": f"ini option metrion_cache_{name}",
-        "environment": "$" + {"url": URL_ENV, "scope": SCOPE_ENV}.get(name, MODE_ENV),
-        "marker": f"@pytest.mark.{MARKER}({name}=...)",
-    }
-    return where.get(setting.source, name)
-
-
-_CHECKS = {"mode": check_session_mode, "ttl": check_ttl, "namespace": check_namespace, "scope": check_scope}
-
-
-def _mask(url: str) -> str:
-    """A store URL fit to print: passwords hidden (stores.redis.mask_url would import redis at start-up)."""
-    url = re.sub(r"^([^:/?#]+://[^:/?#@]*):[^/?#@]*@", r"\1:***@", url)
-    return re.sub(r"([?&]password=)[^&#]*", r"\1***", url)
+def _marker_layer(values: dict[str, Any]) -> Layer:
+    return Layer("marker", values, name_in_messages=lambda option: f"@pytest.mark.{MARKER}({option.name}=...)")
 
 
 # --- per-run state ------------------------------------------------------------------------------
@@ -153,29 +121,18 @@ class _State:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
-        default_url = f"sqlite:///{Path(config.rootpath) / '.metrion_cache' / 'cache.sqlite3'}"
-        self.base = {
-            "mode": _setting(config, "mode", MODE_ENV, DEFAULT_MODE),
-            "url": _setting(config, "url", URL_ENV, default_url),
-            "ttl": _setting(config, "ttl", None, None),
-            "namespace": _setting(config, "namespace", None, None),
-            "scope": _setting(config, "scope", SCOPE_ENV, None),
-        }
-        for name, check in _CHECKS.items():
-            setting = self.base[name]
-            if setting.value is None:
-                continue
-            try:
-                check(setting.value)
-            except MetrionCacheError as error:
-                raise pytest.UsageError(f"metrion cache: {_describe(setting, name)}: {error}") from None
+        self.layers = _run_layers(config)
+        try:
+            self.base = resolve(*self.layers)
+        except InvalidOption as error:
+            raise pytest.UsageError(f"metrion cache: {error}") from None
         self.all_tests = bool(config.getoption("metrion_cache_all")) or bool(config.getini("metrion_cache_all"))
         self.stores: dict[str, Store] = {}
         self.totals = _empty_totals()
 
-    def settings_for(self, item: pytest.Item) -> dict[str, Setting]:
-        """The base settings, overridden by the markers on the test, its class and its module (closest wins)."""
-        merged = dict(self.base)
+    def options_for(self, item: pytest.Item) -> ResolvedOptions:
+        """The run's options, overridden by the markers on the test, its class and its module (closest wins)."""
+        given: dict[str, Any] = {}
         for mark in reversed(list(item.iter_markers(MARKER))):
             if len(mark.args) > 1:
                 pytest.fail(
@@ -192,40 +149,28 @@ class _State:
             values = dict(mark.kwargs)
             if mark.args:
                 values["mode"] = mark.args[0]
-            for name, value in values.items():
-                if value is not None:
-                    merged[name] = Setting(value, "marker")
-        return merged
+            given.update((name, value) for name, value in values.items() if value is not None)
+        if not given:
+            return self.base  # the run's own options were checked at start-up
+        try:
+            return resolve(_marker_layer(given), *self.layers)
+        except InvalidOption as error:
+            problem = f"metrion cache: {error}"
+        pytest.fail(problem, pytrace=False)  # outside the except block: no chained traceback
 
-    def open_session(self, settings: dict[str, Setting]) -> CacheSession:
+    def open_session(self, resolved: ResolvedOptions) -> CacheSession:
         from ..runtime.session import CacheSession
 
         problem = None
-        for name, check in _CHECKS.items():  # the run's own settings were checked at start-up; a marker's are not
-            setting = settings[name]
-            if setting.source == "marker" and setting.value is not None:
-                try:
-                    check(setting.value)
-                except MetrionCacheError as error:
-                    problem = f"metrion cache: {_describe(setting, name)}: {error}"
-                    break
-        url = settings["url"].value
-        if problem is None:
-            try:
-                session = CacheSession(
-                    url,
-                    mode=settings["mode"].value,
-                    ttl=settings["ttl"].value,
-                    namespace=settings["namespace"].value,
-                    scope=settings["scope"].value,
-                )
-            except MetrionCacheError as error:
-                problem = f"metrion cache: {_describe(settings['url'], 'url')}: {error}"
+        try:
+            session = CacheSession(options=resolved.options)
+        except MetrionCacheError as error:  # an unsupported store URL: only opening the store tells
+            problem = f"metrion cache: {resolved.origin('url').where or 'url'}: {error}"
         if problem is not None:
             pytest.fail(problem, pytrace=False)  # outside the except block: no chained traceback
         # open_store shares one store per URL, so a session per test is not a connection per test;
         # remembered here to be closed when the run ends.
-        self.stores[url] = session.store
+        self.stores[session.url] = session.store
         return session
 
     def finish(self, nodeid: str, session: CacheSession) -> None:
@@ -283,13 +228,13 @@ def _replay_misses(session: CacheSession) -> list[Any]:
 
 
 _STATE = pytest.StashKey[_State]()
-_ACTIVE = pytest.StashKey["tuple[CacheSession, dict[str, Setting]]"]()
+_ACTIVE = pytest.StashKey["tuple[CacheSession, ResolvedOptions]"]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        f"{MARKER}(mode=None, ttl=None, namespace=None, url=None): use the metrion LLM response cache in "
+        f"{MARKER}({', '.join(f'{name}=None' for name in MARKER_KEYS)}): use the metrion LLM response cache in "
         "this test (or every test of the class or module), with these settings over the command line's",
     )
     config.stash[_STATE] = _State(config)
@@ -305,11 +250,13 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     state = config.stash.get(_STATE, None)
     if state is None:
         return None
-    chosen = [
-        f"{name}={_mask(str(setting.value)) if name == 'url' else setting.value} ({setting.source})"
-        for name, setting in state.base.items()
-        if setting.source != "default"
-    ]
+    names = (*_HEADER_FIRST, *(name for name in MARKER_KEYS if name not in _HEADER_FIRST))
+    chosen = []
+    for name in names:
+        origin = state.base.origin(name)
+        if origin.source != "default":
+            given = str(origin.given).strip()
+            chosen.append(f"{name}={mask_password(given) if name == 'url' else given} ({origin.source})")
     if not chosen and not state.all_tests:
         return None
     scope = "every test" if state.all_tests else "tests with the fixture or marker"
@@ -330,9 +277,9 @@ def metrion_cache(request: pytest.FixtureRequest) -> Iterator[CacheSession]:
     from ..api import covering_process
 
     state = request.config.stash[_STATE]
-    settings = state.settings_for(request.node)
-    session = state.open_session(settings)
-    request.node.stash[_ACTIVE] = (session, settings)
+    resolved = state.options_for(request.node)
+    session = state.open_session(resolved)
+    request.node.stash[_ACTIVE] = (session, resolved)
     try:
         with covering_process(session):
             yield session
@@ -372,7 +319,7 @@ def pytest_runtest_makereport(
     return report
 
 
-def _replay_failure_text(item: pytest.Item, session: CacheSession, settings: dict[str, Setting]) -> str | None:
+def _replay_failure_text(item: pytest.Item, session: CacheSession, resolved: ResolvedOptions) -> str | None:
     misses = _replay_misses(session)
     if not misses:
         return None
@@ -385,30 +332,32 @@ def _replay_failure_text(item: pytest.Item, session: CacheSession, settings: dic
             f"{item.nodeid}: the cache store {session.url} could not be read, and in replay mode the provider "
             f"is never called, so these requests failed:\n{answers}\n"
             f"Check that the store is running and that the URL is right "
-            f"(--metrion-cache-url, ini metrion_cache_url or ${URL_ENV})."
+            f"({_OPTION['url'].pytest_flag}, ini {_OPTION['url'].ini} or ${URL_ENV})."
         )
     return (
         f"{item.nodeid} asked for {len(misses)} answer{'s' if len(misses) != 1 else ''} that "
         f"{'are' if len(misses) != 1 else 'is'} not in the cache ({session.url}, namespace "
         f"{session.settings.namespace!r}); in replay mode the provider is never called:\n{answers}\n"
-        f"{_record_hint(item, settings, session.url)}"
+        f"{_record_hint(item, resolved, session.url)}"
     )
 
 
-def _record_hint(item: pytest.Item, settings: dict[str, Setting], session_url: str) -> str:
-    if settings["mode"].source == "marker":
+def _record_hint(item: pytest.Item, resolved: ResolvedOptions, session_url: str) -> str:
+    mode = resolved.origin("mode")
+    if mode.source == "marker":
         return (
-            f"Its {MARKER} marker sets mode={settings['mode'].value!r}: set it to 'true' (or remove it) and run "
+            f"Its {MARKER} marker sets mode={mode.given!r}: set it to 'true' (or remove it) and run "
             f"with a provider key to record:\n  pytest {shlex.quote(item.nodeid)}"
         )
-    command = ["pytest", "--metrion-cache=true"]
+    command = ["pytest", f"{_OPTION['mode'].pytest_flag}=true"]
     config = item.config
     if config.getoption("metrion_cache_all"):
         command.append("--metrion-cache-all")
-    for name in ("url", "namespace", "ttl"):
-        if settings[name].source == "command line":
-            value = session_url if name == "url" else settings[name].value  # the URL with its password masked
-            command.append(f"--metrion-cache-{name}={value}")
+    for option in OPTIONS:
+        origin = resolved.origin(option.name)
+        if option.name != "mode" and origin.source == "command line":
+            value = session_url if option.name == "url" else str(origin.given).strip()  # the URL's password masked
+            command.append(f"{option.pytest_flag}={value}")
     command.append(item.nodeid)
     return "To record it, run with a provider key:\n  " + " ".join(shlex.quote(part) for part in command)
 

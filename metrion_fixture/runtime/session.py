@@ -9,19 +9,23 @@ import logging
 import os
 import threading
 import time
+from typing import TYPE_CHECKING
 
-from ..core.breaker import DEFAULT_COOLDOWN_SECONDS, CircuitBreaker
+from ..core.breaker import CircuitBreaker
 from ..core.directives import check_session_mode
 from ..core.engine import Settings
-from ..core.scope import SCOPE_ENV
-from ..core.stats import DEFAULT_MAX_RECORDS, CallRecord, Ledger, Stats
-from ..errors import MetrionCacheError
-from .ledger import StoredLedger, retention_seconds
+from ..core.options import DEFAULT_SINGLE_FLIGHT_WAIT, URL_ENV  # noqa: F401 - importable from here, as before
+from ..core.options import CacheOptions, options_from_arguments
+from ..core.stats import CallRecord, Ledger, Stats
+from .ledger import StoredLedger
 from ..stores import default_store_url, open_store
 from ..stores.base import Store
 
-URL_ENV = "METRION_CACHE_URL"
-DEFAULT_SINGLE_FLIGHT_WAIT = 30.0
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from ..core.options import CacheOptionValues
+
 _FIRST_POLL, _LAST_POLL = 0.005, 0.1  # seconds between looks while waiting for another caller's entry
 log = logging.getLogger("metrion_fixture")
 
@@ -41,49 +45,38 @@ class CacheSession:
     def __init__(
         self,
         url: str | None = None,
+        /,
         *,
-        mode: str = "true",
-        ttl: int | str | None = None,
-        namespace: str | None = None,
-        max_entry_bytes: int | None = None,
-        max_records: int = DEFAULT_MAX_RECORDS,
-        store_cooldown: float = DEFAULT_COOLDOWN_SECONDS,
-        scope: str | None = None,
-        single_flight_wait: float = DEFAULT_SINGLE_FLIGHT_WAIT,
-        ledger_retention: int | str | None = None,
+        options: CacheOptions | None = None,
+        **overrides: Unpack[CacheOptionValues],
     ) -> None:
-        self.settings = Settings.build(
-            mode=mode,
-            ttl=ttl,
-            namespace=namespace,
-            max_entry_bytes=max_entry_bytes,
-            scope=scope or os.environ.get(SCOPE_ENV) or None,
+        """Options as keyword arguments, or ``options`` (a :class:`CacheOptions`) with keyword overrides.
+
+        Without ``options``, what the arguments leave out comes from the environment, then the defaults.
+        """
+        # ``url`` is positional-only so that ``url=`` lands in ``overrides`` too: both spellings keep working.
+        self.options = options_from_arguments(url, options, overrides, os.environ)
+        chosen = self.options
+        self.settings = Settings(
+            mode=chosen.mode,
+            ttl=chosen.ttl,
+            namespace=chosen.namespace,
+            max_entry_bytes=chosen.max_entry_bytes,
+            scope=chosen.scope,
         )
-        self.store: Store = open_store(url or os.environ.get(URL_ENV) or default_store_url())
-        self.ledger = Ledger(max_records=max_records)
-        try:
-            # After a store failure, skip the store for ``store_cooldown`` seconds: one timeout per period.
-            self.breaker = CircuitBreaker(store_cooldown)
-        except ValueError as error:
-            raise MetrionCacheError(str(error)) from None
+        self.store: Store = open_store(chosen.url or default_store_url())
+        self.ledger = Ledger(max_records=chosen.max_records)
+        # After a store failure, skip the store for ``store_cooldown`` seconds: one timeout per period.
+        self.breaker = CircuitBreaker(chosen.store_cooldown)
         # Calls are also kept in the store (batched, expiring) so `metrion-cache stats` sees every process.
         self.ledger.sink = StoredLedger(
             self.store,
-            self.settings.namespace,
-            retention_seconds(ledger_retention),
+            chosen.namespace,
+            chosen.ledger_retention,
             # Only while the store is healthy, and without counting as a store call of a request.
             allow=lambda: self.breaker.state == "closed",
         )
-        if (
-            isinstance(single_flight_wait, bool)
-            or not isinstance(single_flight_wait, (int, float))
-            or not 0 <= single_flight_wait <= 3600
-        ):
-            raise MetrionCacheError(
-                f"invalid single_flight_wait {single_flight_wait!r}; use seconds between 0 (off) and 3600"
-            )
-        # How long a request waits for an identical one already asking the provider (0: never waits).
-        self.single_flight_wait = float(single_flight_wait)
+        self.single_flight_wait = chosen.single_flight_wait
         self._warned = False
 
     @property
