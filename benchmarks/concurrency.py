@@ -17,8 +17,8 @@ import anthropic
 import httpx2
 from common import ANSWER_BYTES, ANSWER_HEADERS, MESSAGES, MODEL, Context, Row, async_sdk
 
-from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.runtime.session import CacheSession
+from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.transports.httpx2 import AsyncCacheTransport
 
 TASKS = (1, 8, 64)

@@ -18,8 +18,8 @@ import anthropic
 import httpx2
 from common import Context, Row, ms, p50
 
-from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.runtime.session import CacheSession
+from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.transports.httpx2 import CacheTransport
 
 _questions = itertools.count()

@@ -16,8 +16,8 @@ import httpx2
 import redis
 from common import MESSAGES, MODEL, Context, Row
 
-from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.runtime.session import CacheSession
+from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.transports.httpx2 import CacheTransport
 
 OVERHEAD_LIMIT = 1024

@@ -10,8 +10,8 @@ import pytest
 import redis
 
 import metrion_fixture
-from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.stores import open_store
+from metrion_fixture.testing.provider import SimulatedProvider
 
 REDIS_URL = os.environ.get("METRION_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 STORE_KINDS = ("memory", "sqlite", "redis")

@@ -30,8 +30,8 @@ import metrion_fixture.stores.sqlite
 import metrion_fixture.transports.httpx
 import metrion_fixture.transports.httpx2  # noqa: F401
 from metrion_fixture import cache_key
-from metrion_fixture.integrations.cassettes import import_cassettes
 from metrion_fixture.cli import main as cli_main
+from metrion_fixture.integrations.cassettes import import_cassettes
 from metrion_fixture.stores import open_store
 
 pytest_plugins = ["pytester"]

@@ -12,8 +12,8 @@ import sdk_calls
 from test_conversion_property import STREAMS
 
 import metrion_fixture
-from metrion_fixture.core.flow import import_recorded
 from metrion_fixture.formats import FORMATS_BY_NAME
+from metrion_fixture.integrations.cassettes import import_recorded
 
 SDK_FORMATS = {
     "anthropic": "anthropic_messages",

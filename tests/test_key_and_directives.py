@@ -318,31 +318,32 @@ def test_damaged_entries_are_detected_and_read_as_a_miss(damage):
 
 def test_the_same_request_reuses_its_plan_and_any_difference_makes_a_new_one() -> None:
     """plan_request remembers recent plans by their whole input; nothing that decides a plan is left out."""
-    from metrion_fixture.core.engine import Settings, plan_request
+    from metrion_fixture.core.engine import PlanMemo, Settings, plan_request
     from metrion_fixture.formats import wire_format_for
 
     path = "/v1/messages"
     wire_format = wire_format_for("POST", path)
     body = json.dumps({"model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "hi"}]}).encode()
     settings = Settings.build(namespace="plans")
-    first = plan_request(settings, wire_format, path, {}, body)
-    assert plan_request(settings, wire_format, path, {}, bytes(bytearray(body))) is first
+    memo = PlanMemo()
+    first = plan_request(settings, wire_format, path, {}, body, memo=memo)
+    assert plan_request(settings, wire_format, path, {}, bytes(bytearray(body)), memo=memo) is first
     assert first.outcome == "MISS" and first.write_ttl == settings.ttl
 
-    refresh = plan_request(settings, wire_format, path, {"x-metrion-cache": "refresh"}, body)
+    refresh = plan_request(settings, wire_format, path, {"x-metrion-cache": "refresh"}, body, memo=memo)
     assert refresh.outcome == "REFRESH" and not refresh.read
-    short = plan_request(settings, wire_format, path, {"cache-control": "max-age=60"}, body)
+    short = plan_request(settings, wire_format, path, {"cache-control": "max-age=60"}, body, memo=memo)
     assert short.write_ttl == 60
-    bad = plan_request(settings, wire_format, path, {"x-metrion-cache": "maybe"}, body)
+    bad = plan_request(settings, wire_format, path, {"x-metrion-cache": "maybe"}, body, memo=memo)
     assert bad.outcome == "ERROR" and bad.error is not None and bad.error.status == 400
-    elsewhere = plan_request(Settings.build(namespace="other-plans"), wire_format, path, {}, body)
+    elsewhere = plan_request(Settings.build(namespace="other-plans"), wire_format, path, {}, body, memo=memo)
     assert elsewhere.storage_key.startswith("other-plans:") and first.storage_key.startswith("plans:")
-    replay = plan_request(Settings.build(namespace="plans", mode="replay"), wire_format, path, {}, body)
+    replay = plan_request(Settings.build(namespace="plans", mode="replay"), wire_format, path, {}, body, memo=memo)
     assert replay.read_only
-    streamed = plan_request(settings, wire_format, path, {}, body[:-1] + b',"stream":true}')
+    streamed = plan_request(settings, wire_format, path, {}, body[:-1] + b',"stream":true}', memo=memo)
     assert streamed.stream and streamed.key == first.key and streamed.storage_key != first.storage_key
     # Per-credential entries depend on a header outside the memo's key: never remembered.
     scoped = Settings.build(namespace="plans", scope="credential")
-    key_a = plan_request(scoped, wire_format, path, {"x-api-key": "key-a"}, body)
-    key_b = plan_request(scoped, wire_format, path, {"x-api-key": "key-b"}, body)
+    key_a = plan_request(scoped, wire_format, path, {"x-api-key": "key-a"}, body, memo=memo)
+    key_b = plan_request(scoped, wire_format, path, {"x-api-key": "key-b"}, body, memo=memo)
     assert key_a.storage_key != key_b.storage_key

@@ -20,8 +20,8 @@ from sdk_calls import SDKS, acall, call
 from traitlets.config import Config
 
 import metrion_fixture
-from metrion_fixture.runtime.activation import active_session, enabled_session
 from metrion_fixture.integrations import patching
+from metrion_fixture.runtime.activation import active_session, enabled_session
 
 QUESTION = [{"role": "user", "content": "What are your delivery times?"}]
 OTHER_QUESTION = [{"role": "user", "content": "Do you ship to Norway?"}]

@@ -507,13 +507,16 @@ def _entry(text: str) -> bytes:
 
 
 def test_decoded_entries_are_reused_only_for_identical_bytes() -> None:
+    from metrion_fixture.core.entry import RecentEntries
+
+    recent = RecentEntries()
     good = _entry(f"answer {uuid.uuid4().hex}")
-    first = decode_hit(bytes(bytearray(good)))
-    assert first is not None and decode_hit(bytes(bytearray(good))) is first  # an equal value: same entry
+    first = decode_hit(bytes(bytearray(good)), recent)
+    assert first is not None and decode_hit(bytes(bytearray(good)), recent) is first  # an equal value: same entry
     # Same length and same stored checksum, one byte changed in the middle: not the remembered value.
     middle = len(good) // 2
     damaged = good[:middle] + bytes([good[middle] ^ 1]) + good[middle + 1 :]
-    assert decode_hit(damaged) is None
+    assert decode_hit(damaged, recent) is None
 
 
 def test_the_near_cache_option_leaves_the_other_url_options_as_written() -> None:

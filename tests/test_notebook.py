@@ -13,6 +13,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # run by .ci/run; skip in a quick local loop with -m 'not slow'
+
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
 
 # Provider calls per cell id on a first run with an empty cache; every other cell makes none.

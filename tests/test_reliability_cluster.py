@@ -21,6 +21,8 @@ import metrion_fixture
 from metrion_fixture.stores import open_store
 from metrion_fixture.stores.redis import RedisClusterStore
 
+pytestmark = pytest.mark.slow  # run by .ci/run; skip in a quick local loop with -m 'not slow'
+
 
 def free_ports(count: int) -> list[int]:
     # Cluster nodes also listen on port + 10000 (the cluster bus): pick ports with both free.

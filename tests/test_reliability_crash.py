@@ -18,8 +18,10 @@ from sdk_calls import QUESTION, call
 import metrion_fixture
 from metrion_fixture.core import entry as entry_module
 from metrion_fixture.core.entry import Entry
-from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.stores import open_store
+from metrion_fixture.testing.provider import SimulatedProvider
+
+pytestmark = pytest.mark.slow  # run by .ci/run; skip in a quick local loop with -m 'not slow'
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ import httpx2
 import pytest
 
 from metrion_fixture import CacheSession
-from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.stores import open_store
+from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.transports.httpx2 import AsyncCacheTransport, CacheTransport
 
 ROOT = Path(__file__).resolve().parents[1]

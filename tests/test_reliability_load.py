@@ -11,11 +11,14 @@ import random
 import threading
 
 import httpx2
+import pytest
 
 from metrion_fixture import CacheSession
 from metrion_fixture.formats.base import sse_events
 from metrion_fixture.stores import open_store
 from metrion_fixture.transports.httpx2 import AsyncCacheTransport, CacheTransport
+
+pytestmark = pytest.mark.slow  # run by .ci/run; skip in a quick local loop with -m 'not slow'
 
 TASKS, TASK_REQUESTS = 32, 190  # 6,080 from asyncio tasks
 THREADS, THREAD_REQUESTS = 8, 500  # 4,000 from threads

@@ -19,8 +19,8 @@ import metrion_fixture
 from metrion_fixture import CacheSession, MetrionCacheError, cache_key
 from metrion_fixture.core.directives import DEFAULT_TTL_SECONDS, MAX_TTL_SECONDS
 from metrion_fixture.core.entry import Entry
-from metrion_fixture.runtime.activation import active_session
 from metrion_fixture.integrations import patching
+from metrion_fixture.runtime.activation import active_session
 
 ANTHROPIC_KEY = "sk-ant-secret-test-key"
 OPENAI_KEY = "sk-openai-secret-test-key"

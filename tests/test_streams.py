@@ -19,8 +19,8 @@ from sdk_calls import QUESTION, SDKS, call
 
 import metrion_fixture
 from metrion_fixture.core.entry import Entry
-from metrion_fixture.testing.provider import SimulatedProvider
 from metrion_fixture.formats import ANTHROPIC_MESSAGES, OPENAI_CHAT, StreamWatcher
+from metrion_fixture.testing.provider import SimulatedProvider
 
 LIBS = {"httpx": httpx, "httpx2": httpx2}
 # A short answer: few events, so slow streams stay quick.

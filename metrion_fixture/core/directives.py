@@ -17,6 +17,10 @@ TTL_HEADER = "cache-control"
 
 DEFAULT_TTL_SECONDS = 7 * 24 * 3600
 MAX_TTL_SECONDS = 365 * 24 * 3600
+# The other defaults a session decides by (checked in core/options.py).
+DEFAULT_NAMESPACE = "metrion"
+DEFAULT_MAX_ENTRY_BYTES = 16 * 1024 * 1024
+DEFAULT_SINGLE_FLIGHT_WAIT = 30.0
 
 HEADER_MODES = ("true", "refresh", "false")
 SESSION_MODES = ("true", "refresh", "off", "replay")

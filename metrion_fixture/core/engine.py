@@ -1,9 +1,9 @@
 """The cache's decisions, free of I/O: what to do with a request, what to answer, what to store.
 
-The transports feed this module plain values (method, path, headers, body
-bytes, upstream status and chunks) and carry out what it decides. Nothing here
-imports httpx, httpx2 or a store client, so the sync and async shells share
-every decision and cannot drift apart.
+:mod:`.flow` feeds this module plain values (method, path, headers, body bytes,
+upstream status and chunks) and the drivers carry out what it decides. Nothing
+here imports an HTTP library, a store client or the runtime, so every adapter
+shares every decision and none can drift apart.
 """
 
 from __future__ import annotations
@@ -11,32 +11,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from ..errors import MetrionCacheError
-from ..formats import StreamWatcher, Usage, WireFormat
+from ..formats import Usage, WireFormat
 from .directives import (
+    DEFAULT_MAX_ENTRY_BYTES,
+    DEFAULT_NAMESPACE,
+    DEFAULT_SINGLE_FLIGHT_WAIT,
     DEFAULT_TTL_SECONDS,
     KEY_HEADER,
     MODE_HEADER,
     TTL_HEADER,
     DirectiveError,
-    check_namespace,
-    check_session_mode,
-    check_ttl,
     parse_header_mode,
     parse_max_age,
 )
 from .entry import CorruptEntry, Entry, RecentEntries
 from .key import cache_key
-from .scope import check_scope, credential_tag
+from .options import CacheOptions
+from .records import BYPASS, ERROR, HIT, MISS, REFRESH, Status
+from .scope import credential_tag
 
-HIT, MISS, REFRESH, BYPASS, ERROR = "HIT", "MISS", "REFRESH", "BYPASS", "ERROR"
-DEFAULT_NAMESPACE = "metrion"
-DEFAULT_MAX_ENTRY_BYTES = 16 * 1024 * 1024
+# Re-exported: the statuses and defaults used to live here.
+__all__ = ["BYPASS", "DEFAULT_MAX_ENTRY_BYTES", "DEFAULT_NAMESPACE", "ERROR", "HIT", "MISS", "REFRESH"]
+
 
 # Never replayed: they describe one connection or one client, not the answer.
 _UNREPLAYED_HEADERS = frozenset(
@@ -61,40 +61,41 @@ _UNREPLAYED_HEADERS = frozenset(
 )
 
 
-# Describe the upstream framing, which no longer holds once the cache has read the body.
-_REFRAMED_HEADERS = frozenset({"content-length", "content-encoding", "transfer-encoding"})
+# Describe the upstream framing, which no longer holds once the cache has read the body; and an
+# upstream cache's own tags (a chain of caches), which ours replace.
+_REFRAMED_HEADERS = frozenset({"content-length", "content-encoding", "transfer-encoding", MODE_HEADER, KEY_HEADER})
 
 
 @dataclass(frozen=True)
 class Settings:
-    """A session's defaults, checked once when the session is made."""
+    """What the core decides by: the part of a session's options a request's plan depends on."""
 
     mode: str = "true"
     ttl: int = DEFAULT_TTL_SECONDS
     namespace: str = DEFAULT_NAMESPACE
     max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
     scope: str = "shared"  # or "credential": entries private to the API key that paid for them
+    # How long a miss waits for an identical request already asking the provider (0: never waits).
+    single_flight_wait: float = DEFAULT_SINGLE_FLIGHT_WAIT
 
     @classmethod
-    def build(
-        cls,
-        mode: str = "true",
-        ttl: int | str | None = None,
-        namespace: str | None = None,
-        max_entry_bytes: int | None = None,
-        scope: str | None = None,
-    ) -> Settings:
-        if max_entry_bytes is not None and (
-            isinstance(max_entry_bytes, bool) or not isinstance(max_entry_bytes, int) or max_entry_bytes <= 0
-        ):
-            raise MetrionCacheError(f"invalid max_entry_bytes {max_entry_bytes!r}; use a positive number of bytes")
+    def from_options(cls, options: CacheOptions) -> Settings:
         return cls(
-            mode=check_session_mode(mode),
-            ttl=DEFAULT_TTL_SECONDS if ttl is None else check_ttl(ttl),
-            namespace=DEFAULT_NAMESPACE if namespace is None else check_namespace(namespace),
-            max_entry_bytes=DEFAULT_MAX_ENTRY_BYTES if max_entry_bytes is None else max_entry_bytes,
-            scope="shared" if scope is None else check_scope(scope),
+            mode=options.mode,
+            ttl=options.ttl,
+            namespace=options.namespace,
+            max_entry_bytes=options.max_entry_bytes,
+            scope=options.scope,
+            single_flight_wait=options.single_flight_wait,
         )
+
+    @classmethod
+    def build(cls, **options: Any) -> Settings:
+        """Settings from option values, checked by :class:`~.options.CacheOptions` (defaults for the rest)."""
+        return cls.from_options(CacheOptions(**options))
+
+
+ReplyKind = Literal["hit", "invalid", "replay_miss", "store_down"]
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,15 @@ class Reply:
     headers: list[tuple[str, str]]
     chunks: list[bytes]
     stream: bool
+    kind: ReplyKind = "hit"
+    message: str = ""  # for an error: what went wrong, for adapters that answer in another shape (gRPC)
 
 
 @dataclass(frozen=True)
 class Plan:
     """What the engine decided for one request before any I/O."""
 
-    outcome: str  # what the response will be tagged with if the provider is called
+    outcome: Status  # what the response will be tagged with if the provider is called
     wire_format: WireFormat | None = None
     model: str = ""
     key: str = ""
@@ -136,6 +139,7 @@ def plan_request(
     headers: Mapping[str, str],
     body: bytes | None,
     query: bytes | str = b"",
+    memo: PlanMemo | None = None,
 ) -> Plan:
     """Decide serve / store / pass for one request.
 
@@ -145,25 +149,35 @@ def plan_request(
     if wire_format is None:
         return Plan(outcome=BYPASS)
     mode_value, max_age_value = headers.get(MODE_HEADER), headers.get(TTL_HEADER)
-    if settings.scope == "credential" or type(body) is not bytes or len(body) > _RECENT_PLAN_MAX_BODY:
+    if memo is None or settings.scope == "credential" or type(body) is not bytes or len(body) > memo.max_body:
         return _plan(settings, wire_format, path, headers, body, query, mode_value, max_age_value)
     # The same request again (the case a cache exists for) gets the same plan: a plan depends
     # on nothing else, and reusing it skips parsing the body and hashing the prompt again.
     memo_key = (settings, wire_format.name, path, query, mode_value, max_age_value, body)
-    plan = _recent_plans.get(memo_key)
+    plan = memo.get(memo_key)
     if plan is None:
         plan = _plan(settings, wire_format, path, headers, body, query, mode_value, max_age_value)
-        with _recent_plans_lock:
-            if len(_recent_plans) >= _RECENT_PLANS:
-                del _recent_plans[next(iter(_recent_plans))]  # first in, first out
-            _recent_plans[memo_key] = plan
+        memo.put(memo_key, plan)
     return plan
 
 
-_RECENT_PLANS = 256
-_RECENT_PLAN_MAX_BODY = 16 * 1024  # with _RECENT_PLANS: at most 4 MiB of remembered bodies
-_recent_plans: dict[tuple[Any, ...], Plan] = {}
-_recent_plans_lock = threading.Lock()
+class PlanMemo:
+    """The plans of recent requests, by everything a plan depends on (bounded, first in first out)."""
+
+    def __init__(self, max_plans: int = 256, max_body: int = 16 * 1024) -> None:
+        # With the defaults: at most 4 MiB of remembered bodies.
+        self.max_plans, self.max_body = max_plans, max_body
+        self._plans: dict[tuple[Any, ...], Plan] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> Plan | None:
+        return self._plans.get(key)
+
+    def put(self, key: tuple[Any, ...], plan: Plan) -> None:
+        with self._lock:
+            if len(self._plans) >= self.max_plans:
+                del self._plans[next(iter(self._plans))]
+            self._plans[key] = plan
 
 
 def _plan(
@@ -199,7 +213,7 @@ def _plan(
         header_mode = parse_header_mode(mode_value)
         max_age = parse_max_age(max_age_value)
     except DirectiveError as error:
-        return _with(base, outcome=ERROR, error=error_reply(base, 400, str(error)))
+        return _with(base, outcome=ERROR, error=error_reply(base, 400, str(error), "invalid"))
 
     return _decide(settings, base, header_mode, settings.ttl if max_age is None else max_age)
 
@@ -247,15 +261,14 @@ def plan_prompt(
     """:func:`plan_request` for a transport that is not HTTP (gRPC): the prompt is already extracted.
 
     ``header_mode`` is the raw ``x-metrion-cache`` value the call carries, if any; an invalid one
-    gives a plan with ``outcome=ERROR`` and ``error`` set (its status and message; the transport
-    answers it in its own error shape). ``credentials`` are the call's credential headers, for
-    ``scope="credential"``.
+    gives a plan with ``outcome=ERROR`` and ``error`` set. ``credentials`` are the call's
+    credential headers, for ``scope="credential"``.
     """
     base = _located(settings, wire_format, model, messages, stream, credentials or {})
     try:
         mode = parse_header_mode(header_mode)
     except DirectiveError as error:
-        return _with(base, outcome=ERROR, error=Reply(400, [], [str(error).encode()], stream=False))
+        return _with(base, outcome=ERROR, error=error_reply(base, 400, str(error), "invalid"))
     return _decide(settings, base, mode, settings.ttl)
 
 
@@ -272,14 +285,14 @@ def _with(plan: Plan, **changes: Any) -> Plan:
 _PLAN_FIELDS = frozenset(field.name for field in dataclasses.fields(Plan))
 
 
-def error_reply(plan: Plan, status: int, message: str) -> Reply:
+def error_reply(plan: Plan, status: int, message: str, kind: ReplyKind) -> Reply:
     """An error in the provider's own shape that SDKs show as-is and do not retry."""
     assert plan.wire_format is not None
     body = json.dumps(plan.wire_format.error_body(status, message)).encode()
     headers = [("content-type", "application/json"), ("x-should-retry", "false"), (MODE_HEADER, ERROR)]
     if plan.key:
         headers.append((KEY_HEADER, plan.key))
-    return Reply(status, headers, [body], stream=False)
+    return Reply(status, headers, [body], stream=False, kind=kind, message=message)
 
 
 def replay_miss_reply(plan: Plan) -> Reply:
@@ -289,6 +302,7 @@ def replay_miss_reply(plan: Plan) -> Reply:
         f"metrion cache: no cached answer for model {plan.model!r} (key {plan.key}) and the cache is in "
         "replay mode, so the provider was not called; run once with mode 'true' (or 'refresh') and a "
         "provider key to record it",
+        "replay_miss",
     )
 
 
@@ -299,26 +313,27 @@ def store_down_reply(plan: Plan, error: BaseException) -> Reply:
         f"metrion cache: the cache store could not be read ({type(error).__name__}: {error}) and the "
         f"cache is in replay mode, so the provider was not called for model {plan.model!r} "
         f"(key {plan.key}); check the store URL and that the store is running",
+        "store_down",
     )
 
 
-_RECENT_ENTRIES = RecentEntries()
+def decode_hit(value: bytes | None, entries: RecentEntries | None = None) -> Entry | None:
+    """A stored value as an entry, or None when absent or damaged (a damaged one is a miss).
 
-
-def decode_hit(value: bytes | None) -> Entry | None:
-    """A stored value as an entry, or None when absent or damaged (a damaged one is a miss)."""
+    ``entries`` remembers recently decoded values, so the same answer read again is not decoded again.
+    """
     if value is None:
         return None
     try:
-        return _RECENT_ENTRIES.decode(value)
+        return entries.decode(value) if entries is not None else Entry.decode(value)
     except (CorruptEntry, KeyError, TypeError, ValueError, IndexError):
         return None
 
 
-def hit_reply(plan: Plan, entry: Entry, now: float | None = None) -> Reply:
-    age = max(0, int((time.time() if now is None else now) - entry.stored_at))
+def hit_reply(plan: Plan, entry: Entry, now: float) -> Reply:
+    age = max(0, int(now - entry.stored_at))
     headers = [*entry.headers, (MODE_HEADER, HIT), (KEY_HEADER, plan.key), ("age", str(age))]
-    return Reply(entry.status, headers, entry.chunks, stream=entry.stream)
+    return Reply(entry.status, headers, list(entry.chunks), stream=entry.stream)
 
 
 def other_variant_key(plan: Plan, namespace: str) -> str:
@@ -330,7 +345,7 @@ def other_variant_key(plan: Plan, namespace: str) -> str:
     return storage_key(namespace, plan.wire_format.name, other, plan.key) + plan.storage_key[len(prefix) :]
 
 
-def converted_reply(plan: Plan, entry: Entry, now: float | None = None) -> Reply | None:
+def converted_reply(plan: Plan, entry: Entry, now: float) -> Reply | None:
     """A stored answer of the other mode, converted to the mode the request asked for; None if it cannot be."""
     wire_format = plan.wire_format
     assert wire_format is not None
@@ -341,14 +356,14 @@ def converted_reply(plan: Plan, entry: Entry, now: float | None = None) -> Reply
             chunks = wire_format.stream_from_body(b"".join(entry.chunks), plan.shape)
             content_type = "text/event-stream; charset=utf-8"
         else:
-            body = wire_format.body_from_stream(entry.chunks)
+            body = wire_format.body_from_stream(list(entry.chunks))
             chunks = None if body is None else [body]
             content_type = "application/json"
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError):
         return None  # an answer the format cannot convert: a miss, never a broken answer
     if not chunks:
         return None
-    age = max(0, int((time.time() if now is None else now) - entry.stored_at))
+    age = max(0, int(now - entry.stored_at))
     headers = [(name, value) for name, value in entry.headers if name.lower() not in ("content-type", "cache-control")]
     headers += [("content-type", content_type), (MODE_HEADER, HIT), (KEY_HEADER, plan.key), ("age", str(age))]
     return Reply(entry.status, headers, chunks, stream=plan.stream)
@@ -359,13 +374,13 @@ def replayable_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def decoded_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Upstream headers for a body the cache has already decoded and re-framed."""
+    """Upstream headers for a body the cache has already decoded and re-framed, without an upstream cache's tags."""
     return [(name, value) for name, value in headers if name.lower() not in _REFRAMED_HEADERS]
 
 
-def tag_headers(plan: Plan, outcome: str | None = None) -> list[tuple[str, str]]:
+def tag_headers(plan: Plan, outcome: Status | None = None) -> list[tuple[str, str]]:
     """The headers that tell the caller what the cache did."""
-    tags = [(MODE_HEADER, outcome or plan.outcome)]
+    tags: list[tuple[str, str]] = [(MODE_HEADER, outcome or plan.outcome)]
     if plan.key:
         tags.append((KEY_HEADER, plan.key))
     return tags
@@ -376,43 +391,15 @@ def wants_recording(plan: Plan, status: int) -> bool:
     return plan.write_ttl > 0 and 200 <= status < 300
 
 
-def is_json_object(body: bytes) -> bool:
-    """Whether a provider's non-streamed answer is a whole JSON object, the only kind worth storing."""
-    try:
-        return isinstance(json.loads(body), dict)
-    except (ValueError, RecursionError):
-        return False
-
-
-def is_event_stream(headers: list[tuple[str, str]]) -> bool:
-    return any(
-        name.lower() == "content-type" and value.split(";")[0].strip().lower() == "text/event-stream"
-        for name, value in headers
-    )
-
-
 class Recorder:
     """Collects one answer as it passes to the caller and says whether, and what, to store.
 
-    For streams it watches the events: only a stream that reached its format's
-    terminator (or, for formats without one, the end of a clean body) with no
+    For streams the format's watcher follows the events: only a stream that reached its
+    format's terminator (or, for formats without one, the end of a clean body) with no
     error event is stored. Anything over the size cap is never stored.
     """
 
-    __slots__ = (
-        "plan",
-        "status",
-        "headers",
-        "max_bytes",
-        "started",
-        "chunks",
-        "size",
-        "watcher",
-        "broken",
-        "done",
-        "usage",
-        "on_usage",
-    )
+    __slots__ = ("plan", "status", "headers", "max_bytes", "started", "chunks", "size", "watcher", "broken", "done")
 
     def __init__(self, plan: Plan, status: int, headers: list[tuple[str, str]], max_bytes: int, started: float) -> None:
         assert plan.wire_format is not None
@@ -420,14 +407,12 @@ class Recorder:
         self.status = status
         self.headers = replayable_headers(headers)
         self.max_bytes = max_bytes
-        self.started = started
+        self.started = started  # on the core's monotonic clock
         self.chunks: list[bytes] = []
         self.size = 0
-        self.watcher = StreamWatcher(plan.wire_format)
+        self.watcher = plan.wire_format.stream_watcher()
         self.broken = False
         self.done = False
-        self.usage: Usage | None = None  # what the answer reports, read once when it is stored
-        self.on_usage: Callable[[Usage | None], None] | None = None  # told when a stream's usage is known
 
     def feed(self, chunk: bytes) -> None:
         if self.broken or not chunk:
@@ -443,41 +428,40 @@ class Recorder:
         """The stream failed or the caller left before its end: store nothing."""
         self.broken, self.chunks = True, []
 
-    def finish_stream(self, reached_eof: bool, now_monotonic: float) -> bytes | None:
-        """The encoded entry to store once the stream is over, or None. Returns a value at most once."""
+    def stream_complete(self, reached_eof: bool) -> bool:
+        """Whether the stream, now over, is whole and clean: the only kind worth storing. True at most once."""
         if self.done:
-            return None
+            return False
         self.done = True
         assert self.plan.wire_format is not None
+        if reached_eof and not self.broken:
+            self.watcher.close()  # a body that ended inside an event is incomplete
         complete = self.watcher.ended or (reached_eof and not self.plan.wire_format.has_stream_terminator)
-        if self.broken or self.watcher.failed or not complete:
-            return None
-        value = self._entry(self.chunks, stream=True, now_monotonic=now_monotonic)
-        if self.on_usage is not None:
-            self.on_usage(self.usage)
-        return value
+        return complete and not self.broken and not self.watcher.failed
 
-    def finish_body(self, body: bytes, now_monotonic: float) -> bytes | None:
-        if len(body) > self.max_bytes or not is_json_object(body):
-            return None  # too big, or not a whole JSON answer (truncated, HTML from a gateway...)
-        return self._entry([body], stream=False, now_monotonic=now_monotonic)
-
-    def _entry(self, chunks: list[bytes], *, stream: bool, now_monotonic: float) -> bytes:
+    def body_storable(self, body: bytes) -> bool:
+        # Too big, or not a whole answer (truncated, HTML from a gateway...): not stored.
         assert self.plan.wire_format is not None
-        self.usage = read_usage(self.plan.wire_format, chunks, stream)
+        return len(body) <= self.max_bytes and self.plan.wire_format.storable_body(body)
+
+    def entry(
+        self, chunks: list[bytes], *, stream: bool, usage: Usage | None, now: float, now_monotonic: float
+    ) -> bytes:
+        """The encoded entry for a complete answer."""
+        assert self.plan.wire_format is not None
         return Entry(
             status=self.status,
             headers=self.headers,
             chunks=chunks,
             stream=stream,
-            stored_at=time.time(),
+            stored_at=now,
             ttl=self.plan.write_ttl,
             model=self.plan.model,
             wire_format=self.plan.wire_format.name,
             key=self.plan.key,
             provider_seconds=round(now_monotonic - self.started, 6),
             # Kept with the entry so a hit knows what it saved without parsing the answer.
-            extra={"usage": self.usage.as_dict()} if self.usage is not None else {},
+            extra={"usage": usage.as_dict()} if usage is not None else {},
         ).encode()
 
 

@@ -1,393 +1,447 @@
-"""One request's path through the cache, written once for sync and async shells.
+"""One request's path through the cache, as a state machine with no I/O.
 
-:func:`exchange` is a generator that yields the I/O it needs (read the request
-body, look in the store, call the provider, read its body, write the store) and
-returns what the response should be. A shell performs each step with its own
-I/O (blocking or awaited) and sends the result back in. All decisions stay here
-and in :mod:`.engine`, so the sync and async paths cannot drift apart.
+:meth:`CacheCore.exchange` is a generator: each value it yields is the next state, a step
+of I/O it needs (read the request body, look in the store, call the provider, read its
+body, write the store, take or give back a single-flight lock), and what it returns is the
+final state: the answer, with the call record to publish. A driver
+(:mod:`metrion_fixture.runtime`) performs each step with blocking or awaited I/O and sends
+the result back in. Everything it knows comes in as plain data: the settings, the request,
+the store's answers, the provider's status and bytes; the clock, the token source and the
+memos are injected. So every adapter (httpx, httpx2, gRPC, the cassette importer) shares
+every decision, and the rules can be tested with made-up inputs (``tests/core``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
-from collections.abc import Generator, Mapping
-from functools import lru_cache
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from collections.abc import Callable, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
 
 from ..formats import Usage, wire_format_for
-from ..reporting.prices import cost_usd, price_source, provider_of
 from .directives import MODE_HEADER
 from .engine import (
     ERROR,
     HIT,
     Plan,
+    PlanMemo,
     Recorder,
     Reply,
+    Settings,
     converted_reply,
     decode_hit,
     decoded_headers,
     hit_reply,
-    is_event_stream,
     other_variant_key,
     plan_request,
+    read_usage,
     replay_miss_reply,
     store_down_reply,
     tag_headers,
     wants_recording,
 )
-from .stats import CallRecord
+from .entry import Entry, RecentEntries
+from .records import CallRecord, Status
 
-if TYPE_CHECKING:
-    from ..runtime.session import CacheSession
+LOCK_SUFFIX = ":lock"
 
 
-# The steps a shell performs.
+class Clock(Protocol):
+    def wall(self) -> float:
+        """Seconds since the epoch: when an entry was stored, a call made."""
+
+    def monotonic(self) -> float:
+        """A clock that never goes back: latencies and deadlines."""
+
+
+class SystemClock:
+    # Looked up on each call, not bound once: tests move time by patching the time module.
+    def wall(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.perf_counter()
+
+
+SYSTEM_CLOCK: Clock = SystemClock()
+
+
+class Pricing(Protocol):
+    """Who bills a model and what an answer cost (the runtime injects the price table)."""
+
+    def provider_of(self, model: str, default: str = "") -> str: ...
+
+    def cost_usd(self, model: str, usage: Usage | None) -> float | None: ...
+
+
+class NoPrices:
+    """Pricing for a core without a price table: the format's provider, dollars unknown."""
+
+    @staticmethod
+    def provider_of(model: str, default: str = "") -> str:
+        return default
+
+    @staticmethod
+    def cost_usd(model: str, usage: Usage | None) -> float | None:
+        return None
+
+
+NO_PRICES: Pricing = NoPrices()
+
+
+# -- the steps a driver performs (the states that need I/O) -----------------------------------
+
+
 class ReadRequest(NamedTuple):
-    pass
+    """Answer: the request body, bytes."""
 
 
 class Lookup(NamedTuple):
-    storage_key: str  # answer: bytes, None (absent) or the exception the store raised
+    """Answer: the stored bytes, None (absent), or the exception the store raised."""
+
+    storage_key: str
 
 
 class Forward(NamedTuple):
-    strip: tuple[str, ...]  # remove these request headers, then call the provider; answer: (status, headers)
+    """Remove these request headers, then call the provider. Answer: (status, headers)."""
+
+    strip: tuple[str, ...]
 
 
 class ReadBody(NamedTuple):
-    pass  # answer: the provider's body, decoded
+    """Answer: the provider's whole body, decoded."""
 
 
 class Write(NamedTuple):
+    """Store an entry. Answer: True if stored."""
+
     storage_key: str
     value: bytes
     ttl: int
 
 
-# Single flight: one caller asks the provider, identical concurrent requests wait for its entry.
 class Acquire(NamedTuple):
-    key: str  # take this lock for ``token`` (expiring after ttl_ms); answer: True if taken
+    """Take the single-flight lock ``key`` for ``token`` (expiring after ``ttl_ms``). Answer: True if taken."""
+
+    key: str
     token: str
     ttl_ms: int
 
 
 class WaitFor(NamedTuple):
-    storage_key: str  # poll until this entry exists, the lock is gone, or the deadline (time.monotonic());
-    lock_key: str  # answer: the stored bytes, or None
+    """Poll until the entry exists, the lock is gone, or ``deadline`` (the core's monotonic clock).
+
+    Answer: the stored bytes, or None.
+    """
+
+    storage_key: str
+    lock_key: str
     deadline: float
 
 
 class Release(NamedTuple):
-    key: str  # release the lock if ``token`` still holds it; answer: None
+    """Give back the lock ``key`` if ``token`` still holds it. Answer: None."""
+
+    key: str
     token: str
 
 
-# What the shell answers the caller with.
-class Answer(NamedTuple):
-    reply: Reply  # the cache answers by itself (hit, or an error)
-
-
-class PassThrough(NamedTuple):
-    tags: list[tuple[str, str]]  # the provider's response as it is, plus these headers
-
-
-class Rebuilt(NamedTuple):
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-
-class Tee(NamedTuple):
-    recorder: Recorder  # stream the provider's answer to the caller while recording it
-    headers: list[tuple[str, str]]
-    release: Release | None = None  # perform it once the stream is over (after writing the entry)
-
-
 Step = ReadRequest | Lookup | Forward | ReadBody | Write | Acquire | WaitFor | Release
-LOCK_SUFFIX = ":lock"
-Outcome = Answer | PassThrough | Rebuilt | Tee
-
 READ_REQUEST = ReadRequest()
 READ_BODY = ReadBody()
 
 
-def exchange(
-    session: CacheSession, method: str, path: str, headers: Mapping[str, str], query: bytes | str = b""
-) -> Generator[Step, Any, Outcome]:
-    started = time.perf_counter()
-    wire_format = wire_format_for(method, path)
-    if wire_format is None:
-        # Not an LLM call: untouched and unrecorded, only our own header removed.
-        yield Forward((MODE_HEADER,))
-        return PassThrough([])
+# -- the final states ---------------------------------------------------------------------------
 
-    body = yield READ_REQUEST
-    plan = plan_request(session.settings, wire_format, path, headers, body, query)
-    if plan.error is not None:
-        return _answer(session, plan, plan.error, started)
 
-    lock: Release | None = None  # the single-flight lock this request holds while it calls the provider
+class Answer(NamedTuple):
+    """The cache answers by itself: a hit, or an error of its own."""
 
-    if plan.read:
-        found = yield Lookup(plan.storage_key)
-        store_down = isinstance(found, BaseException)
-        if store_down and plan.read_only:
-            return _answer(session, plan, store_down_reply(plan, found), started)
-        entry = own_entry(plan, found)
-        if entry is not None:
-            return _hit(session, plan, entry, started)
-        if not store_down:
-            # One key, two shapes: the answer stored in the other mode, converted. A second read
-            # only on a miss of the first, so a hit of the requested mode stays one read.
-            other = yield Lookup(other_variant_key(plan, session.settings.namespace))
-            entry = None if isinstance(other, BaseException) else decode_hit(other)
-            converted = None if entry is None else converted_reply(plan, entry)
-            if converted is not None:
-                assert entry is not None
-                _record(session, plan, HIT, converted.status, started, saved=entry.provider_seconds, stored=entry.extra)
-                return Answer(converted)
-        if plan.read_only:
-            return _answer(session, plan, replay_miss_reply(plan), started)
-        if may_wait(session, plan, found):
-            turn = yield from take_turn(session, plan)
-            if isinstance(turn, Release):
-                lock = turn
-            elif turn is not None:
-                return _hit(session, plan, turn, started)
+    reply: Reply
+    record: CallRecord
 
-    status, upstream_headers = yield Forward(plan.strip)
-    if not wants_recording(plan, status):
+
+class PassThrough(NamedTuple):
+    """The provider's response as it is, plus these headers; ``record`` is None for traffic that is not an LLM call."""
+
+    tags: list[tuple[str, str]]
+    record: CallRecord | None
+
+
+class Rebuilt(NamedTuple):
+    """The provider's non-streamed answer, already read whole (and stored if it was worth it)."""
+
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    record: CallRecord
+
+
+@dataclass(eq=False)
+class Tee:
+    """Stream the provider's answer to the caller while recording it; :meth:`CacheCore.end_stream` at its end.
+
+    ``record`` is published when the stream starts; its tokens are known only at the end, when
+    the driver publishes the completed record in its place (and keeps it here).
+    """
+
+    recorder: Recorder
+    headers: list[tuple[str, str]]
+    release: Release | None  # the single-flight lock, given back once the entry is written
+    record: CallRecord
+
+
+Outcome = Answer | PassThrough | Rebuilt | Tee
+
+
+class StreamEnd(NamedTuple):
+    """What to do once a recorded stream is over: store it (or not), and its completed call record."""
+
+    write: Write | None
+    record: CallRecord | None  # replaces the one published when the stream started; None: keep it
+
+
+# -- the core -----------------------------------------------------------------------------------
+
+
+class CacheCore:
+    """The cache's rules for one set of settings; holds no session, store or ledger.
+
+    ``plans`` and ``entries`` remember recent plans and decoded entries (the runtime shares
+    one of each per process); ``clock``, ``new_token`` and ``pricing`` are injected so tests
+    can fix them.
+    """
+
+    __slots__ = ("settings", "clock", "plans", "entries", "new_token", "pricing")
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        plans: PlanMemo | None = None,
+        entries: RecentEntries | None = None,
+        new_token: Callable[[], str] = lambda: uuid.uuid4().hex,
+        pricing: Pricing = NO_PRICES,
+    ) -> None:
+        self.settings, self.clock, self.plans, self.entries = settings, clock, plans, entries
+        self.new_token, self.pricing = new_token, pricing
+
+    def with_settings(self, settings: Settings) -> CacheCore:
+        return CacheCore(
+            settings,
+            clock=self.clock,
+            plans=self.plans,
+            entries=self.entries,
+            new_token=self.new_token,
+            pricing=self.pricing,
+        )
+
+    def exchange(
+        self, method: str, path: str, headers: Mapping[str, str], query: bytes | str = b""
+    ) -> Generator[Step, Any, Outcome]:
+        """An HTTP request's path: pass it through untouched unless it is an LLM call of a known format.
+
+        ``headers`` is looked up by lower-case name: give a case-insensitive mapping (httpx's
+        ``Headers``) or lower-case the names, or a credential header would be missed.
+        """
+        started = self.clock.monotonic()
+        wire_format = wire_format_for(method, path)
+        if wire_format is None:
+            # Not an LLM call: untouched and unrecorded, only our own header removed.
+            yield Forward((MODE_HEADER,))
+            return PassThrough([], None)
+        body = yield READ_REQUEST
+        plan = plan_request(self.settings, wire_format, path, headers, body, query, self.plans)
+        return (yield from self.serve(plan, started))
+
+    def serve(self, plan: Plan, started: float) -> Generator[Step, Any, Outcome]:
+        """A planned request's path (gRPC calls start here, their prompt read by the adapter)."""
+        wire_format = plan.wire_format
+        assert wire_format is not None
+        if plan.error is not None:
+            return self._refuse(plan, plan.error, started)
+        lock: Release | None = None  # the single-flight lock this request holds while it calls the provider
+
+        if plan.read:
+            found = yield Lookup(plan.storage_key)
+            store_down = isinstance(found, BaseException)
+            if store_down and plan.read_only:
+                return self._refuse(plan, store_down_reply(plan, found), started)
+            entry = self.own_entry(plan, found)
+            if entry is not None:
+                return self._hit(plan, entry, started)
+            if not store_down and wire_format.converts_modes:
+                # One key, two shapes: the answer stored in the other mode, converted. A second read
+                # only on a miss of the first, so a hit of the requested mode stays one read.
+                other = yield Lookup(other_variant_key(plan, self.settings.namespace))
+                other_entry = None if isinstance(other, BaseException) else decode_hit(other, self.entries)
+                converted = None if other_entry is None else converted_reply(plan, other_entry, self.clock.wall())
+                if converted is not None and other_entry is not None:
+                    return Answer(converted, self._call(plan, HIT, converted.status, started, hit=other_entry))
+            if plan.read_only:
+                return self._refuse(plan, replay_miss_reply(plan), started)
+            if self.may_wait(plan, found):
+                turn = yield from self.take_turn(plan)
+                if isinstance(turn, Release):
+                    lock = turn
+                elif turn is not None:
+                    return self._hit(plan, turn, started)
+
+        status, upstream_headers = yield Forward(plan.strip)
+        if not wants_recording(plan, status):
+            if lock is not None:
+                yield lock
+            return PassThrough(tag_headers(plan), self._call(plan, plan.outcome, status, started))
+
+        recorder = Recorder(plan, status, upstream_headers, self.settings.max_entry_bytes, started)
+        response_headers = decoded_headers(upstream_headers) + tag_headers(plan)
+        if wire_format.is_stream_answer(plan.stream, upstream_headers):
+            return Tee(recorder, response_headers, lock, self._call(plan, plan.outcome, status, started))
+
+        body = yield READ_BODY
+        usage = None
+        if recorder.body_storable(body):
+            usage = read_usage(wire_format, [body], False)
+            value = recorder.entry(
+                [body], stream=False, usage=usage, now=self.clock.wall(), now_monotonic=self.clock.monotonic()
+            )
+            yield Write(plan.storage_key, value, plan.write_ttl)
         if lock is not None:
             yield lock
-        _record(session, plan, plan.outcome, status, started)
-        return PassThrough(tag_headers(plan))
+        return Rebuilt(status, response_headers, body, self._call(plan, plan.outcome, status, started, spent=usage))
 
-    recorder = Recorder(plan, status, upstream_headers, session.settings.max_entry_bytes, started)
-    response_headers = decoded_headers(upstream_headers) + tag_headers(plan)
-    if is_event_stream(upstream_headers):
-        record = _record(session, plan, plan.outcome, status, started)
-        # A stream's tokens are known at its end: the record is completed then.
-        recorder.on_usage = lambda usage: session.ledger.amend(record, **usage_fields(plan, usage))
-        return Tee(recorder, response_headers, lock)
+    def end_stream(self, tee: Tee, reached_eof: bool) -> StreamEnd:
+        """A recorded stream is over (``reached_eof``: it ran to its end; else the caller closed it)."""
+        recorder = tee.recorder
+        if not recorder.stream_complete(reached_eof):
+            return StreamEnd(None, None)
+        plan = recorder.plan
+        assert plan.wire_format is not None
+        usage = read_usage(plan.wire_format, recorder.chunks, True)
+        value = recorder.entry(
+            recorder.chunks, stream=True, usage=usage, now=self.clock.wall(), now_monotonic=self.clock.monotonic()
+        )
+        record = tee.record
+        if usage is not None:
+            record = dataclasses.replace(
+                record,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost_usd=self.pricing.cost_usd(plan.model, usage),
+            )
+        return StreamEnd(Write(plan.storage_key, value, plan.write_ttl), record)
 
-    body = yield READ_BODY
-    value = recorder.finish_body(body, time.perf_counter())
-    if value is not None:
-        yield Write(plan.storage_key, value, plan.write_ttl)
-    if lock is not None:
-        yield lock
-    _record(session, plan, plan.outcome, status, started, usage=recorder.usage)
-    return Rebuilt(status, response_headers, body)
+    def may_wait(self, plan: Plan, found: Any) -> bool:
+        """Whether a miss should take its turn (single flight) before asking the provider."""
+        return not isinstance(found, BaseException) and plan.write_ttl > 0 and self.settings.single_flight_wait > 0
 
+    def take_turn(self, plan: Plan) -> Generator[Step, Any, Release | Entry | None]:
+        """Become the one caller that asks the provider for this key, or wait for that caller's entry.
 
-def may_wait(session: CacheSession, plan: Plan, found: Any) -> bool:
-    """Whether a miss should take its turn (single flight) before asking the provider."""
-    return not isinstance(found, BaseException) and plan.write_ttl > 0 and session.single_flight_wait > 0
+        Returns the lock to release once the answer is stored (this caller asks the provider),
+        the entry (it appeared meanwhile: a hit), or None (waited until the deadline, or the
+        store cannot lock: ask the provider without a lock). A holder that fails releases the
+        lock and one waiter takes over; one that dies leaves a lock that expires.
+        """
+        lock_key = plan.storage_key + LOCK_SUFFIX
+        token = self.new_token()
+        wait = self.settings.single_flight_wait
+        deadline = self.clock.monotonic() + wait
+        while True:
+            if (yield Acquire(lock_key, token, int(wait * 1000) + 1000)):
+                # Another caller may have stored the entry between our first look and our lock.
+                entry = self.own_entry(plan, (yield Lookup(plan.storage_key)))
+                if entry is None:
+                    return Release(lock_key, token)
+                yield Release(lock_key, token)
+                return entry
+            entry = self.own_entry(plan, (yield WaitFor(plan.storage_key, lock_key, deadline)))
+            if entry is not None:
+                return entry
+            if self.clock.monotonic() >= deadline:
+                return None
 
+    def own_entry(self, plan: Plan, found: Any) -> Entry | None:
+        """The entry in a store's answer, if it is whole and is this request's (not another key's or mode's)."""
+        entry = decode_hit(found, self.entries) if isinstance(found, bytes) else None
+        return entry if entry is not None and entry.key == plan.key and entry.stream == plan.stream else None
 
-def take_turn(session: CacheSession, plan: Plan) -> Generator[Step, Any, Any]:
-    """Become the one caller that asks the provider for this key, or wait for that caller's entry.
+    def hit(self, plan: Plan, entry: Entry, started: float) -> Answer:
+        """The answer for an entry found in the store."""
+        return self._hit(plan, entry, started)
 
-    Returns the lock to release once the answer is stored (this caller asks the provider),
-    the entry (it appeared meanwhile: a hit for the caller to record and replay), or None
-    (waited until the deadline, or the store cannot lock: ask the provider without a lock).
-    A holder that fails releases the lock and one waiter takes over; one that dies leaves a
-    lock that expires.
-    """
-    lock_key = plan.storage_key + LOCK_SUFFIX
-    token = uuid.uuid4().hex
-    wait = session.single_flight_wait
-    deadline = time.monotonic() + wait
-    while True:
-        if (yield Acquire(lock_key, token, int(wait * 1000) + 1000)):
-            # Another caller may have stored the entry between our first look and our lock.
-            entry = own_entry(plan, (yield Lookup(plan.storage_key)))
-            if entry is None:
-                return Release(lock_key, token)
-            yield Release(lock_key, token)
-            return entry
-        entry = own_entry(plan, (yield WaitFor(plan.storage_key, lock_key, deadline)))
-        if entry is not None:
-            return entry
-        if time.monotonic() >= deadline:
-            return None
+    def _hit(self, plan: Plan, entry: Entry, started: float) -> Answer:
+        reply = hit_reply(plan, entry, self.clock.wall())
+        return Answer(reply, self._call(plan, HIT, reply.status, started, hit=entry))
 
+    def _refuse(self, plan: Plan, reply: Reply, started: float) -> Answer:
+        return Answer(reply, self._call(plan, ERROR, reply.status, started))
 
-_T = TypeVar("_T")
-
-
-def run_store_steps(session: CacheSession, steps: Generator[Step, Any, _T]) -> _T:
-    """Perform a generator's store steps (Lookup, Acquire, WaitFor, Release), blocking.
-
-    For callers that are not HTTP shells (the gRPC interceptors); the shells perform these
-    steps in their own loops, together with the HTTP ones.
-    """
-    answer: Any = None
-    while True:
-        try:
-            step = steps.send(answer)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        answer = _store_call(session, step, asynchronous=False)
-
-
-async def arun_store_steps(session: CacheSession, steps: Generator[Step, Any, _T]) -> _T:
-    """:func:`run_store_steps`, awaited."""
-    answer: Any = None
-    while True:
-        try:
-            step = steps.send(answer)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        answer = await _store_call(session, step, asynchronous=True)
-
-
-# Each store step: the session method that performs it, blocking and awaited.
-_STORE_CALLS = {
-    Lookup: ("read", "aread"),
-    Acquire: ("acquire", "aacquire"),
-    WaitFor: ("wait_for", "await_for"),
-    Release: ("release", "arelease"),
-}
-
-
-def _store_call(session: CacheSession, step: Step, asynchronous: bool) -> Any:
-    names = _STORE_CALLS.get(type(step))
-    if names is None:
-        raise TypeError(f"not a store step: {step!r}")
-    return getattr(session, names[asynchronous])(*step)
-
-
-def own_entry(plan: Plan, found: Any) -> Any:
-    """The entry in a store's answer, if it is whole and is this request's (not another key's or mode's)."""
-    entry = decode_hit(found) if isinstance(found, bytes) else None
-    return entry if entry is not None and entry.key == plan.key and entry.stream == plan.stream else None
-
-
-def _hit(session: CacheSession, plan: Plan, entry: Any, started: float) -> Answer:
-    reply = hit_reply(plan, entry)
-    _record(session, plan, HIT, reply.status, started, saved=entry.provider_seconds, stored=entry.extra)
-    return Answer(reply)
-
-
-def _answer(session: CacheSession, plan: Plan, reply: Reply, started: float) -> Answer:
-    _record(session, plan, ERROR, reply.status, started)
-    return Answer(reply)
-
-
-def usage_fields(plan: Plan, usage: Usage | None) -> dict[str, Any]:
-    """The tokens and dollars a provider answer cost, for its call record."""
-    if usage is None:
-        return {}
-    return {
-        "input_tokens": usage.input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cost_usd": cost_usd(plan.model, usage),
-    }
-
-
-_NOTHING_SPENT = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
-
-
-def saved_fields(plan: Plan, stored: Mapping[str, Any]) -> dict[str, Any]:
-    """A hit spends nothing, and saves what the stored answer cost (its usage is kept in the entry)."""
-    usage = stored.get("usage")
-    if not isinstance(usage, dict):
-        return _NOTHING_SPENT
-    try:
-        # On the hit path: the same answer is usually hit again, so its figures are remembered.
-        return _saved(plan.model, tuple(sorted(usage.items())), price_source())
-    except TypeError:  # unhashable values in a damaged entry
-        return _NOTHING_SPENT
-
-
-@lru_cache(maxsize=4096)
-def _saved(model: str, usage_items: tuple[tuple[str, Any], ...], source: str) -> dict[str, Any]:
-    usage = Usage.from_dict(dict(usage_items))
-    if usage is None:
-        return _NOTHING_SPENT
-    return {
-        **_NOTHING_SPENT,
-        "saved_input_tokens": usage.input_tokens,
-        "saved_output_tokens": usage.output_tokens,
-        "saved_usd": cost_usd(model, usage),
-    }
-
-
-def _record(
-    session: CacheSession,
-    plan: Plan,
-    outcome: str,
-    status: int,
-    started: float,
-    saved: float = 0.0,
-    usage: Usage | None = None,
-    stored: Mapping[str, Any] | None = None,
-) -> CallRecord:
-    assert plan.wire_format is not None
-    spent = saved_fields(plan, stored) if stored is not None else usage_fields(plan, usage)
-    return session.ledger.record(
-        CallRecord(
+    def _call(
+        self,
+        plan: Plan,
+        status: Status,
+        http_status: int,
+        started: float,
+        *,
+        hit: Entry | None = None,
+        spent: Usage | None = None,
+    ) -> CallRecord:
+        assert plan.wire_format is not None
+        pricing, model = self.pricing, plan.model
+        if hit is not None:
+            # A hit spends nothing, and saves what the stored answer cost (its usage is kept in the entry).
+            saved = Usage.from_dict(hit.extra.get("usage"))
+            spending: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+            if saved is not None:
+                spending["saved_input_tokens"] = saved.input_tokens
+                spending["saved_output_tokens"] = saved.output_tokens
+                spending["saved_usd"] = pricing.cost_usd(model, saved)
+        else:
+            spending = {}
+            if spent is not None:
+                spending = {
+                    "input_tokens": spent.input_tokens,
+                    "output_tokens": spent.output_tokens,
+                    "cost_usd": pricing.cost_usd(model, spent),
+                }
+        record = CallRecord(
             key=plan.key,
             wire_format=plan.wire_format.name,
-            model=plan.model,
-            status=outcome,
+            model=model,
+            status=status,
             stream=plan.stream,
-            latency=time.perf_counter() - started,
-            http_status=status,
-            saved_seconds=saved,
-            at=time.time(),
-            provider=provider_of(plan.model, plan.wire_format.provider),
-            **spent,
+            latency=self.clock.monotonic() - started,
+            http_status=http_status,
+            saved_seconds=hit.provider_seconds if hit is not None else 0.0,
+            at=self.clock.wall(),
+            provider=pricing.provider_of(model, plan.wire_format.provider),
+            **spending,
         )
-    )
+        return record
 
 
-def import_recorded(
-    session: CacheSession,
-    method: str,
-    path: str,
-    headers: Mapping[str, str],
-    body: bytes,
-    status: int,
-    response_headers: list[tuple[str, str]],
-    response_body: bytes,
-) -> bool:
-    """Store a request/response pair recorded elsewhere (a vcrpy cassette, say); True if stored.
-
-    It runs the same :func:`exchange` as a transport does, the recording standing in for
-    the provider, so it is keyed, filtered and stored exactly as the live answer would
-    have been. Give it a session in ``refresh`` mode to replace existing entries.
-    """
-    flow = exchange(session, method, path, {name.lower(): value for name, value in headers.items()})
-    answer: Any = None
-    stored = False
-    try:
-        while True:
-            step = flow.send(answer)
-            answer = None
-            if isinstance(step, ReadRequest):
-                answer = body
-            elif isinstance(step, Lookup):
-                answer = session.read(step.storage_key)
-            elif isinstance(step, Forward):
-                answer = (status, response_headers)
-            elif isinstance(step, ReadBody):
-                answer = response_body
-            elif isinstance(step, Write):
-                stored = session.write(*step)
-            elif isinstance(step, Acquire):
-                answer = True  # an import asks no provider: nothing to wait for
-    except StopIteration as done:
-        outcome = done.value
-    if isinstance(outcome, Tee):
-        # Recordings keep a stream's body whole; store it an event per chunk, as a provider sends it.
-        recorder = outcome.recorder
-        for event in response_body.split(b"\n\n"):
-            if event:
-                recorder.feed(event + b"\n\n")
-        value = recorder.finish_stream(True, time.perf_counter())
-        if value is not None:
-            stored = session.write(recorder.plan.storage_key, value, recorder.plan.write_ttl)
-    return stored
+__all__ = [
+    "Acquire",
+    "Answer",
+    "CacheCore",
+    "Clock",
+    "Forward",
+    "Lookup",
+    "Outcome",
+    "PassThrough",
+    "Pricing",
+    "ReadBody",
+    "ReadRequest",
+    "Rebuilt",
+    "Release",
+    "Step",
+    "StreamEnd",
+    "SystemClock",
+    "Tee",
+    "WaitFor",
+    "Write",
+]

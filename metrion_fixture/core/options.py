@@ -23,8 +23,15 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..errors import MetrionCacheError
 from .breaker import DEFAULT_COOLDOWN_SECONDS
-from .directives import DEFAULT_TTL_SECONDS, check_namespace, check_session_mode, check_ttl
-from .engine import DEFAULT_MAX_ENTRY_BYTES, DEFAULT_NAMESPACE
+from .directives import (
+    DEFAULT_MAX_ENTRY_BYTES,
+    DEFAULT_NAMESPACE,
+    DEFAULT_SINGLE_FLIGHT_WAIT,
+    DEFAULT_TTL_SECONDS,
+    check_namespace,
+    check_session_mode,
+    check_ttl,
+)
 from .scope import SCOPE_ENV, check_scope
 from .stats import DEFAULT_MAX_RECORDS
 
@@ -60,7 +67,6 @@ __all__ = [
 URL_ENV = "METRION_CACHE_URL"
 MODE_ENV = "METRION_CACHE_MODE"
 RETENTION_ENV = "METRION_CACHE_LEDGER_RETENTION"
-DEFAULT_SINGLE_FLIGHT_WAIT = 30.0
 DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600
 MAX_SINGLE_FLIGHT_WAIT = 3600.0
 MAX_RECORDS_LIMIT = 1_000_000_000  # a deque needs a machine-size bound; this is far beyond any memory anyway

@@ -2,39 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import BYPASS, ERROR, HIT, MISS, REFRESH
+from .records import BYPASS, ERROR, HIT, MISS, REFRESH, CallRecord
+
+__all__ = ["CallRecord", "Ledger", "Stats"]  # CallRecord is re-exported: it used to live here
 
 DEFAULT_MAX_RECORDS = 10_000
-
-
-@dataclass(frozen=True)
-class CallRecord:
-    """One request that reached the cache."""
-
-    key: str
-    wire_format: str
-    model: str
-    status: str  # HIT, MISS, REFRESH, BYPASS or ERROR
-    stream: bool
-    latency: float  # seconds until the response (its headers, for streams) reached the caller
-    http_status: int
-    saved_seconds: float = 0.0  # on a hit: how long the provider took for the stored answer
-    at: float = 0.0  # wall-clock time of the request
-    # Usage and cost. None: unknown (not reported, a bypassed call, or a model without a price).
-    # A hit spends 0 tokens and $0.00; the saved_* fields are what the stored answer cost.
-    provider: str = ""
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cost_usd: float | None = None
-    saved_input_tokens: int = 0
-    saved_output_tokens: int = 0
-    saved_usd: float | None = None
 
 
 @dataclass
@@ -77,7 +54,7 @@ class Ledger:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self.calls: deque[CallRecord] = deque(maxlen=self.max_records)
-        self.sink: Any = None  # the ledger in the store (metrion_fixture.ledger.StoredLedger), if any
+        self.sink: Any = None  # the ledger in the store (runtime.ledger.StoredLedger), fed by the session
 
     def record(self, record: CallRecord) -> CallRecord:
         with self._lock:
@@ -86,13 +63,10 @@ class Ledger:
             self.stats.saved_seconds += record.saved_seconds
             self._add_usage(record, 1)
             self.calls.append(record)
-        if self.sink is not None:
-            self.sink.add(record)
         return record
 
-    def amend(self, record: CallRecord, **changes: Any) -> CallRecord:
-        """Complete a record once its stream ended (tokens and cost are known only then)."""
-        amended = dataclasses.replace(record, **changes)
+    def amend(self, record: CallRecord, amended: CallRecord) -> CallRecord:
+        """Put ``amended`` in the place of ``record``: a stream's record, completed at its end (tokens and cost)."""
         with self._lock:
             self._add_usage(record, -1)
             self._add_usage(amended, 1)
@@ -100,8 +74,6 @@ class Ledger:
                 if self.calls[index] is record:
                     self.calls[index] = amended
                     break
-        if self.sink is not None:
-            self.sink.replace(record, amended)
         return amended
 
     def _add_usage(self, record: CallRecord, sign: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 from ..api import cache
 from ..testing.provider import SimulatedProvider
@@ -51,7 +51,7 @@ def run_demo(url: str | None = None, *, latency: float = 0.8, out: TextIO = sys.
         client = anthropic.Anthropic(base_url=provider.url, api_key="demo-no-key-needed", max_retries=0)
         system = "You are the FAQ bot of an online shop. Answer in one or two sentences."
         for who, question, streamed in script:
-            args = dict(
+            args: dict[str, Any] = dict(
                 model="claude-haiku-4-5",
                 max_tokens=200,
                 system=system,

@@ -15,7 +15,8 @@ class AnthropicMessages(WireFormat):
     provider = "anthropic"
 
     def matches(self, method: str, path: str) -> bool:
-        return method == "POST" and path.rstrip("/").endswith("/messages")
+        # "/v1/messages" whatever prefix a gateway puts before it; not OpenAI's /v1/threads/{id}/messages.
+        return method == "POST" and path.rstrip("/").endswith("/v1/messages")
 
     def prompt(self, path: str, body: Any) -> Prompt | None:
         # The system prompt lives outside the messages here; it must still change the key.
@@ -98,7 +99,7 @@ def _stream_from_message(message: dict[str, Any]) -> list[bytes] | None:
     }
     events = [sse("message_start", {"type": "message_start", "message": start})]
     for index, block in enumerate(message["content"]):
-        opening = _OPENINGS.get(block.get("type")) if isinstance(block, dict) else None
+        opening = _OPENINGS.get(str(block.get("type"))) if isinstance(block, dict) else None
         if opening is None or block.get("citations"):
             return None  # a block we cannot stream faithfully: the caller gets the provider instead
         first, deltas = opening(block)

@@ -105,6 +105,17 @@ class WireFormat:
         """Whether a non-streamed answer is a whole answer, worth storing (not truncated, not a gateway's HTML)."""
         return is_json_object(body)
 
+    def is_stream_answer(self, requested_stream: bool, headers: list[tuple[str, str]]) -> bool:
+        """Whether the provider's answer is a stream, to pass on chunk by chunk while it is recorded."""
+        return any(
+            name.lower() == "content-type" and value.split(";")[0].strip().lower() == "text/event-stream"
+            for name, value in headers
+        )
+
+    # Whether answers of this format can be converted between streamed and not (see below):
+    # a format that cannot is not looked up in the other mode.
+    converts_modes: bool = True
+
 
 def chat_prompt(body: Any, system: Any = None) -> tuple[str, list[Any]] | None:
     """Model and messages of a chat-shaped body, with an out-of-band system prompt first."""

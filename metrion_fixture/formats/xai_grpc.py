@@ -38,6 +38,11 @@ class XaiGrpc(WireFormat):
         # One serialized protobuf message, which is never JSON; an empty one is all defaults, no answer.
         return bool(body)
 
+    def is_stream_answer(self, requested_stream: bool, headers: list[tuple[str, str]]) -> bool:
+        return requested_stream  # GetCompletionChunk answers with a stream of messages, GetCompletion with one
+
+    converts_modes = False
+
     def usage(self, chunks: list[bytes], stream: bool) -> Usage | None:
         found = None
         for chunk in chunks:  # a stream reports its totals in its last chunks

@@ -2,7 +2,7 @@
 
 vcrpy reads the files (its own loader and serializers: YAML or JSON, the httpx and
 httpx2 recordings included); each recorded exchange then goes through the same
-engine as live traffic (:func:`metrion_fixture.core.flow.import_recorded`), so
+engine as live traffic (:func:`import_recorded`), so
 it is keyed, filtered and stored exactly as the live answer would have been.
 Interactions that are not LLM requests, or whose answer was not a success, are
 skipped and reported.
@@ -11,12 +11,13 @@ skipped and reported.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.flow import import_recorded
+from ..core.flow import Tee
+from ..runtime._sync.driver import drive, end_stream
 from ..runtime.session import CacheSession
 
 CASSETTE_SUFFIXES = (".yaml", ".yml", ".json")
@@ -184,3 +185,47 @@ def _response_parts(response: dict[str, Any]) -> tuple[int, list[tuple[str, str]
     elif isinstance(body, str):
         body = body.encode("utf-8")
     return int(response["status"]["code"]), headers, bytes(body)
+
+
+class _Recording:
+    """The provider's side of a request, played back from a recording."""
+
+    def __init__(self, body: bytes, status: int, headers: list[tuple[str, str]], response_body: bytes) -> None:
+        self.body, self.status, self.headers, self.response_body = body, status, headers, response_body
+
+    def read_request(self) -> bytes:
+        return self.body
+
+    def forward(self, strip: tuple[str, ...]) -> tuple[int, list[tuple[str, str]]]:
+        return self.status, self.headers
+
+    def read_body(self) -> bytes:
+        return self.response_body
+
+
+def import_recorded(
+    session: CacheSession,
+    method: str,
+    path: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    status: int,
+    response_headers: list[tuple[str, str]],
+    response_body: bytes,
+) -> bool:
+    """Store a request/response pair recorded elsewhere (a vcrpy cassette, say); True if stored.
+
+    The same flow and driver as a live request, the recording standing in for the provider,
+    so it is keyed, filtered and stored exactly as the live answer would have been. Give it a
+    session in ``refresh`` mode to replace existing entries.
+    """
+    stored_before = session.stats.stored
+    flow = session.core.exchange(method, path, {name.lower(): value for name, value in headers.items()})
+    outcome = drive(session, flow, _Recording(body, status, response_headers, response_body))
+    if isinstance(outcome, Tee):
+        # Recordings keep a stream's body whole; store it an event per chunk, as a provider sends it.
+        for event in response_body.split(b"\n\n"):
+            if event:
+                outcome.recorder.feed(event + b"\n\n")
+        end_stream(session, outcome, reached_eof=True)
+    return session.stats.stored > stored_before

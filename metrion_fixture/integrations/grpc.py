@@ -18,29 +18,19 @@ build yourself, use :func:`intercept_channel` (sync) or pass :func:`aio_intercep
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
 
 from ..core.directives import KEY_HEADER, MODE_HEADER
-from ..core.engine import BYPASS, ERROR, HIT, Plan, plan_prompt
-from ..core.entry import Entry
-from ..core.flow import (
-    Lookup,
-    Release,
-    Step,
-    _record,
-    arun_store_steps,
-    may_wait,
-    own_entry,
-    run_store_steps,
-    take_turn,
-    usage_fields,
-)
+from ..core.engine import BYPASS, Plan, Reply, plan_prompt
+from ..core.flow import Answer, Outcome, Tee
 from ..formats.xai_grpc import METHODS, WIRE_FORMAT, response_class
+from ..runtime._async.driver import drive as adrive
+from ..runtime._async.driver import end_stream as aend_stream
+from ..runtime._sync.driver import drive, end_stream
 from ..runtime.activation import active_session
 from ..runtime.session import CacheSession
 
@@ -61,126 +51,16 @@ _HTTP_STATUS = {
 }
 
 
-class Refusal(NamedTuple):
-    """The cache answers a call with this gRPC error instead of calling xAI."""
-
-    code: grpc.StatusCode
-    message: str
+# The cache's own refusals, as gRPC errors.
+_REFUSAL_CODES = {
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "replay_miss": grpc.StatusCode.FAILED_PRECONDITION,
+    "store_down": grpc.StatusCode.UNAVAILABLE,
+}
 
 
 def _http_status(code: grpc.StatusCode | None) -> int:
     return _HTTP_STATUS.get(code.name if code is not None else "UNKNOWN", 500)
-
-
-class _Prepared:
-    """One chat call the cache handles: its session, plan and start time."""
-
-    __slots__ = ("session", "plan", "started")
-
-    def __init__(self, session: CacheSession, plan: Plan, started: float) -> None:
-        self.session, self.plan, self.started = session, plan, started
-
-    def record(self, outcome: str, status: int, **kwargs: Any) -> Any:
-        return _record(self.session, self.plan, outcome, status, self.started, **kwargs)
-
-    def own_entry(self, found: Any) -> Entry | None:
-        return own_entry(self.plan, found)
-
-    def lookup(self) -> Generator[Step, Any, Refusal | Entry | Release | None]:
-        """The cache's part of a call, for sync and async alike (they perform its store steps):
-        a refusal to answer with, the entry to replay (a hit, recorded), or None / the
-        single-flight lock to hold while calling the provider."""
-        plan, session = self.plan, self.session
-        if plan.error is not None:
-            return self.invalid()
-        if not plan.read:
-            return None
-        found = yield Lookup(plan.storage_key)
-        verdict = self.after_read(found)
-        if verdict is None and may_wait(session, plan, found):
-            verdict = self.after_turn((yield from take_turn(session, plan)))
-        return verdict
-
-    def after_read(self, found: Any) -> Refusal | Entry | None:
-        """What the store's answer means: a refusal to answer with, the entry to replay (a hit,
-        recorded), or None to call the provider."""
-        if isinstance(found, BaseException) and self.plan.read_only:
-            return self.store_down(found)
-        entry = self.own_entry(found)
-        if entry is not None:
-            self.hit(entry)
-            return entry
-        if self.plan.read_only:
-            return self.replay_miss()
-        return None
-
-    def hit(self, entry: Entry) -> None:
-        self.record(HIT, 200, saved=entry.provider_seconds, stored=entry.extra)
-
-    def after_turn(self, turn: Any) -> Entry | Release | None:
-        """The outcome of a single-flight turn: the entry another caller stored (a hit, recorded),
-        the lock this caller holds while it asks the provider, or None (ask without a lock)."""
-        if turn is not None and not isinstance(turn, Release):
-            self.hit(turn)
-        return turn  # type: ignore[no-any-return]
-
-    def age_tag(self, entry: Entry) -> list[tuple[str, str]]:
-        return [*self.tags(HIT), ("age", str(max(0, int(time.time() - entry.stored_at))))]
-
-    def entry(self, chunks: list[bytes]) -> bytes | None:
-        """The encoded entry for a complete answer, or None when it is over the size cap."""
-        plan, settings = self.plan, self.session.settings
-        if sum(len(chunk) for chunk in chunks) > settings.max_entry_bytes:
-            return None
-        usage = _usage(chunks, plan.stream)
-        return Entry(
-            status=200,
-            headers=[],
-            chunks=chunks,
-            stream=plan.stream,
-            stored_at=time.time(),
-            ttl=plan.write_ttl,
-            model=plan.model,
-            wire_format=WIRE_FORMAT.name,
-            key=plan.key,
-            provider_seconds=round(time.perf_counter() - self.started, 6),
-            extra={"usage": usage.as_dict()} if usage is not None else {},
-        ).encode()
-
-    def replay_miss(self) -> Refusal:
-        plan = self.plan
-        self.record(ERROR, 504)
-        return Refusal(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"metrion cache: no cached answer for model {plan.model!r} (key {plan.key}) and the cache is in "
-            "replay mode, so the provider was not called; run once with mode 'true' (or 'refresh') and a "
-            "provider key to record it",
-        )
-
-    def store_down(self, error: BaseException) -> Refusal:
-        plan = self.plan
-        self.record(ERROR, 504)
-        return Refusal(
-            grpc.StatusCode.UNAVAILABLE,
-            f"metrion cache: the cache store could not be read ({type(error).__name__}: {error}) and the "
-            f"cache is in replay mode, so the provider was not called for model {plan.model!r} "
-            f"(key {plan.key}); check the store URL and that the store is running",
-        )
-
-    def invalid(self) -> Refusal:
-        assert self.plan.error is not None
-        self.record(ERROR, 400)
-        return Refusal(grpc.StatusCode.INVALID_ARGUMENT, b"".join(self.plan.error.chunks).decode())
-
-    def tags(self, outcome: str | None = None) -> list[tuple[str, str]]:
-        return [(MODE_HEADER, outcome or self.plan.outcome), (KEY_HEADER, self.plan.key)]
-
-
-def _usage(chunks: list[bytes], stream: bool) -> Any:
-    try:
-        return WIRE_FORMAT.usage(chunks, stream)
-    except Exception:  # noqa: BLE001 - an odd answer must still be stored and served
-        return None
 
 
 def _resolve(source: SessionSource) -> CacheSession | None:
@@ -196,14 +76,26 @@ def _method(details: Any) -> str:
     return method.decode() if isinstance(method, bytes) else str(method)
 
 
+class _Call:
+    """One chat call the cache handles: its session, plan and start (on the core's clock)."""
+
+    __slots__ = ("session", "plan", "started")
+
+    def __init__(self, session: CacheSession, plan: Plan, started: float) -> None:
+        self.session, self.plan, self.started = session, plan, started
+
+    def flow(self) -> Any:
+        return self.session.core.serve(self.plan, self.started)
+
+
 def _prepare(
     source: SessionSource,
     details: Any,
     request: Any,
     default_mode: str | None,
     credentials: dict[str, str] | None,
-) -> tuple[Any, _Prepared | None]:
-    """The call details without our metadata, and the plan if the cache handles this call."""
+) -> tuple[Any, _Call | None]:
+    """The call details without our metadata, and the planned call if the cache handles it."""
     metadata = list(details.metadata or ())
     header = default_mode
     kept = []
@@ -216,15 +108,16 @@ def _prepare(
         details = details._replace(metadata=kept)
     stream = METHODS.get(_method(details))
     session = _resolve(source) if stream is not None else None
-    if session is None:
+    if session is None or stream is None:
         return details, None
-    started = time.perf_counter()
+    started = session.core.clock.monotonic()
     from google.protobuf.json_format import MessageToDict
 
     model = request.model
     if not model or not request.messages:
-        plan = Plan(outcome=BYPASS, wire_format=WIRE_FORMAT, model=model, stream=stream)
-        return details, _Prepared(session, plan, started)
+        return details, _Call(
+            session, Plan(outcome=BYPASS, wire_format=WIRE_FORMAT, model=model, stream=stream), started
+        )
     messages = [MessageToDict(message, preserving_proto_field_name=True) for message in request.messages]
     if not credentials:
         credentials = {name.lower(): value for name, value in metadata if name.lower() == "authorization"}
@@ -232,7 +125,73 @@ def _prepare(
     if request.previous_response_id:
         # Server-side conversation state: the messages alone do not say which answer is wanted.
         plan = Plan(outcome=BYPASS, wire_format=WIRE_FORMAT, model=model, key=plan.key, stream=stream)
-    return details, _Prepared(session, plan, started)
+    return details, _Call(session, plan, started)
+
+
+def _metadata(reply: Reply) -> list[tuple[str, str]]:
+    """The cache's own response headers (status, key, age) as call metadata."""
+    return [(name, value) for name, value in reply.headers if name in (MODE_HEADER, KEY_HEADER, "age")]
+
+
+def _serialized(message: Any) -> bytes:
+    return bytes(message.SerializeToString())
+
+
+class _Upstream:
+    """xAI's side of a sync call: the interceptor's continuation."""
+
+    def __init__(self, continuation: Any, details: Any, request: Any, stream: bool) -> None:
+        self.continuation, self.details, self.request, self.stream = continuation, details, request, stream
+        self.call: Any = None
+        self.response: Any = None
+
+    def read_request(self) -> bytes:
+        raise AssertionError("a gRPC call is planned before its flow starts")
+
+    def forward(self, strip: tuple[str, ...]) -> tuple[int, list[tuple[str, str]]]:
+        self.call = self.continuation(self.details, self.request)
+        if self.stream:
+            return 200, []  # a streamed call's errors arrive while it is read
+        try:
+            self.response = self.call.result()
+        except grpc.RpcError as error:
+            return _http_status(error.code() if isinstance(error, grpc.Call) else None), []
+        except Exception:  # noqa: BLE001 - the SDK sees the failure as it would without the cache
+            return 500, []
+        return 200, []
+
+    def read_body(self) -> bytes:
+        return _serialized(self.response)
+
+
+class _AsyncUpstream:
+    """xAI's side of a ``grpc.aio`` call."""
+
+    def __init__(self, continuation: Any, details: Any, request: Any, stream: bool) -> None:
+        self.continuation, self.details, self.request, self.stream = continuation, details, request, stream
+        self.call: Any = None
+        self.response: Any = None
+        self.error: BaseException | None = None
+
+    async def read_request(self) -> bytes:
+        raise AssertionError("a gRPC call is planned before its flow starts")
+
+    async def forward(self, strip: tuple[str, ...]) -> tuple[int, list[tuple[str, str]]]:
+        self.call = await self.continuation(self.details, self.request)
+        if self.stream:
+            return 200, []
+        try:
+            self.response = await self.call
+        except grpc.aio.AioRpcError as error:
+            self.error = error
+            return _http_status(error.code()), []
+        except BaseException as error:  # noqa: BLE001 - raised to the caller once the call is recorded
+            self.error = error
+            return 500, []
+        return 200, []
+
+    async def read_body(self) -> bytes:
+        return _serialized(self.response)
 
 
 # --- sync -------------------------------------------------------------------------------------
@@ -336,15 +295,15 @@ class _Replay(_Done):
 
 
 class _Tee:
-    """The provider's stream passed to the caller as it arrives, stored once it ended with status OK."""
+    """xAI's stream passed to the caller as it arrives, stored once it ended with status OK.
 
-    def __init__(self, call: Any, prepared: _Prepared, record: Any, lock: Release | None = None) -> None:
-        self._call, self._prepared, self._record = call, prepared, record
-        self._chunks: list[bytes] | None = [] if prepared.plan.write_ttl > 0 else None
+    A stream the caller leaves half-read keeps its single-flight lock until the lock expires
+    (single_flight_wait + 1 s): a gRPC call has no close hook to tell.
+    """
+
+    def __init__(self, call: Any, tee: Tee, session: CacheSession) -> None:
+        self._call, self._tee, self._session = call, tee, session
         self._over = False
-        # The single-flight lock, released once the entry is written or the stream failed. A
-        # stream the caller leaves half-read keeps it until it expires (single_flight_wait + 1 s).
-        self._lock = lock
 
     def __getattr__(self, name: str) -> Any:  # the grpc.Call / grpc.Future methods of the real call
         return getattr(self._call, name)
@@ -356,34 +315,28 @@ class _Tee:
         try:
             message = next(self._call)
         except StopIteration:
-            self._finish()
+            self._end(reached_eof=True)
             raise
         except BaseException:
-            self._chunks, self._over = None, True  # failed or cancelled: never stored
-            self._release()
+            self._tee.recorder.abandon()  # failed or cancelled: never stored
+            self._end(reached_eof=False)
             raise
-        if self._chunks is not None:
-            self._chunks.append(message.SerializeToString())
+        self._tee.recorder.feed(_serialized(message))
         return message
 
-    def _finish(self) -> None:
-        if self._over:
-            return
-        self._over = True
-        prepared, chunks = self._prepared, self._chunks or []
-        prepared.session.ledger.amend(self._record, **usage_fields(prepared.plan, _usage(chunks, True)))
-        try:
-            if self._chunks is not None:
-                value = prepared.entry(self._chunks)
-                if value is not None:
-                    prepared.session.write(prepared.plan.storage_key, value, prepared.plan.write_ttl)
-        finally:
-            self._release()
+    def _end(self, reached_eof: bool) -> None:
+        if not self._over:
+            self._over = True
+            end_stream(self._session, self._tee, reached_eof)
 
-    def _release(self) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            self._prepared.session.release(*lock)
+
+def _answer(reply: Reply) -> Any:
+    """A sync call the cache answers by itself: a hit, or its refusal as a gRPC error."""
+    if reply.kind != "hit":
+        return _Failed(_REFUSAL_CODES[reply.kind], reply.message, _metadata(reply))
+    if reply.stream:
+        return _Replay(reply.chunks, _metadata(reply))
+    return _Done(response_class(False).FromString(reply.chunks[0]), _metadata(reply))
 
 
 class CacheInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
@@ -404,64 +357,23 @@ class CacheInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientI
     ) -> None:
         self._session, self._default_mode, self._credentials = session, default_mode, credentials
 
-    def _lookup(self, prepared: _Prepared) -> tuple[Any, Release | None]:
-        """A _Done/_Failed answer from the cache, or (None, the single-flight lock if taken) to call the provider."""
-        verdict = run_store_steps(prepared.session, prepared.lookup())
-        if isinstance(verdict, Refusal):
-            return _Failed(*verdict, prepared.tags(ERROR)), None
-        if verdict is None or isinstance(verdict, Release):
-            return None, verdict
-        if prepared.plan.stream:
-            return _Replay(verdict.chunks, prepared.age_tag(verdict)), None
-        return _Done(response_class(False).FromString(verdict.chunks[0]), prepared.age_tag(verdict)), None
+    def _intercept(self, continuation: Any, client_call_details: Any, request: Any, stream: bool) -> Any:
+        details, call = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
+        if call is None:
+            return continuation(details, request)
+        upstream = _Upstream(continuation, details, request, stream)
+        outcome: Outcome = drive(call.session, call.flow(), upstream)
+        if isinstance(outcome, Answer):
+            return _answer(outcome.reply)
+        if isinstance(outcome, Tee):
+            return _Tee(upstream.call, outcome, call.session)
+        return upstream.call  # the provider's own call, answered (and stored if it was worth it)
 
     def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        details, prepared = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
-        if prepared is None:
-            return continuation(details, request)
-        answer, lock = self._lookup(prepared)
-        if answer is not None:
-            return answer
-        try:
-            return self._call_provider(continuation, details, request, prepared)
-        finally:
-            if lock is not None:  # after the entry is written: the waiters find it
-                prepared.session.release(*lock)
-
-    def _call_provider(self, continuation: Any, details: Any, request: Any, prepared: _Prepared) -> Any:
-        outcome = continuation(details, request)
-        plan = prepared.plan
-        try:
-            response = outcome.result()
-        except grpc.RpcError as error:
-            prepared.record(plan.outcome, _http_status(error.code() if isinstance(error, grpc.Call) else None))
-            return outcome
-        except Exception:  # noqa: BLE001 - the SDK sees the failure as it would without the cache
-            prepared.record(plan.outcome, 500)
-            return outcome
-        chunks = [response.SerializeToString()]
-        if plan.write_ttl > 0:
-            value = prepared.entry(chunks)
-            if value is not None:
-                prepared.session.write(plan.storage_key, value, plan.write_ttl)
-        prepared.record(plan.outcome, 200, usage=_usage(chunks, False))
-        return outcome
+        return self._intercept(continuation, client_call_details, request, stream=False)
 
     def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        details, prepared = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
-        if prepared is None:
-            return continuation(details, request)
-        answer, lock = self._lookup(prepared)
-        if answer is not None:
-            return answer
-        try:
-            call = continuation(details, request)
-        except BaseException:
-            if lock is not None:
-                prepared.session.release(*lock)
-            raise
-        record = prepared.record(prepared.plan.outcome, 200)
-        return _Tee(call, prepared, record, lock)
+        return self._intercept(continuation, client_call_details, request, stream=True)
 
 
 def intercept_channel(
@@ -479,8 +391,10 @@ def intercept_channel(
 # --- async ------------------------------------------------------------------------------------
 
 
-def _aio_error(code: grpc.StatusCode, message: str, tags: list[tuple[str, str]]) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(*tags), grpc.aio.Metadata(), details=message)
+def _aio_error(reply: Reply) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        _REFUSAL_CODES[reply.kind], grpc.aio.Metadata(*_metadata(reply)), grpc.aio.Metadata(), details=reply.message
+    )
 
 
 class _AsyncBase:
@@ -493,69 +407,38 @@ class _AsyncBase:
     ) -> None:
         self._session, self._default_mode, self._credentials = session, default_mode, credentials
 
-    async def _lookup(self, prepared: _Prepared) -> Entry | Release | None:
-        """The stored entry to answer with, or None / the single-flight lock taken to call the
-        provider; raises the cache's own errors."""
-        verdict = await arun_store_steps(prepared.session, prepared.lookup())
-        if isinstance(verdict, Refusal):
-            raise _aio_error(*verdict, prepared.tags(ERROR))
-        return verdict
+    async def _intercept(self, continuation: Any, client_call_details: Any, request: Any, stream: bool) -> Any:
+        details, call = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
+        if call is None:
+            return await continuation(details, request)
+        upstream = _AsyncUpstream(continuation, details, request, stream)
+        outcome: Outcome = await adrive(call.session, call.flow(), upstream)
+        if isinstance(outcome, Answer):
+            reply = outcome.reply
+            if reply.kind != "hit":
+                raise _aio_error(reply)
+            if stream:
+                return _AioReplay(reply.chunks, _metadata(reply))
+            return response_class(False).FromString(reply.chunks[0])
+        if upstream.error is not None:
+            raise upstream.error
+        if isinstance(outcome, Tee):
+            return _atee(upstream.call, outcome, call.session)
+        return upstream.call
 
 
 class AsyncUnaryUnaryCacheInterceptor(_AsyncBase, grpc.aio.UnaryUnaryClientInterceptor):
     """``GetCompletion`` from the cache on a ``grpc.aio`` channel."""
 
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        details, prepared = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
-        if prepared is None:
-            return await continuation(details, request)
-        found = await self._lookup(prepared)
-        if isinstance(found, Entry):
-            return response_class(False).FromString(found.chunks[0])
-        try:
-            return await self._call_provider(continuation, details, request, prepared)
-        finally:
-            if found is not None:  # the single-flight lock: released after the entry is written
-                await prepared.session.arelease(*found)
-
-    async def _call_provider(self, continuation: Any, details: Any, request: Any, prepared: _Prepared) -> Any:
-        plan = prepared.plan
-        call = await continuation(details, request)
-        try:
-            response = await call
-        except grpc.aio.AioRpcError as error:
-            prepared.record(plan.outcome, _http_status(error.code()))
-            raise
-        except BaseException:
-            prepared.record(plan.outcome, 500)
-            raise
-        chunks = [response.SerializeToString()]
-        if plan.write_ttl > 0:
-            value = prepared.entry(chunks)
-            if value is not None:
-                await prepared.session.awrite(plan.storage_key, value, plan.write_ttl)
-        prepared.record(plan.outcome, 200, usage=_usage(chunks, False))
-        return call
+        return await self._intercept(continuation, client_call_details, request, stream=False)
 
 
 class AsyncUnaryStreamCacheInterceptor(_AsyncBase, grpc.aio.UnaryStreamClientInterceptor):
     """``GetCompletionChunk`` from the cache on a ``grpc.aio`` channel."""
 
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        details, prepared = _prepare(self._session, client_call_details, request, self._default_mode, self._credentials)
-        if prepared is None:
-            return await continuation(details, request)
-        found = await self._lookup(prepared)
-        if isinstance(found, Entry):
-            return _AioReplay(found.chunks, prepared.age_tag(found))
-        try:
-            call = await continuation(details, request)
-        except BaseException:
-            if found is not None:
-                await prepared.session.arelease(*found)
-            raise
-        record = prepared.record(prepared.plan.outcome, 200)
-        return _atee(call, prepared, record, found)
+        return await self._intercept(continuation, client_call_details, request, stream=True)
 
 
 class _AioReplay(grpc.aio.UnaryStreamCall):
@@ -608,21 +491,18 @@ class _AioReplay(grpc.aio.UnaryStreamCall):
         return None
 
 
-async def _atee(call: Any, prepared: _Prepared, record: Any, lock: Release | None) -> AsyncIterator[Any]:
-    plan = prepared.plan
-    chunks: list[bytes] = []
+async def _atee(call: Any, tee: Tee, session: CacheSession) -> AsyncIterator[Any]:
+    reached_eof = False
     try:
         async for message in call:  # an error or the caller leaving raises here: nothing is stored
-            chunks.append(message.SerializeToString())
+            tee.recorder.feed(_serialized(message))
             yield message
-        prepared.session.ledger.amend(record, **usage_fields(plan, _usage(chunks, True)))
-        if plan.write_ttl > 0:
-            value = prepared.entry(chunks)
-            if value is not None:
-                await prepared.session.awrite(plan.storage_key, value, plan.write_ttl)
+        reached_eof = True
+    except BaseException:
+        tee.recorder.abandon()
+        raise
     finally:
-        if lock is not None:
-            await prepared.session.arelease(*lock)
+        await aend_stream(session, tee, reached_eof)
 
 
 def aio_interceptors(
@@ -632,10 +512,9 @@ def aio_interceptors(
     credentials: dict[str, str] | None = None,
 ) -> list[Any]:
     """The interceptors to pass to ``grpc.aio.insecure_channel(..., interceptors=...)`` / ``secure_channel``."""
-    options = {"default_mode": default_mode, "credentials": credentials}
     return [
-        AsyncUnaryUnaryCacheInterceptor(session, **options),
-        AsyncUnaryStreamCacheInterceptor(session, **options),
+        AsyncUnaryUnaryCacheInterceptor(session, default_mode=default_mode, credentials=credentials),
+        AsyncUnaryStreamCacheInterceptor(session, default_mode=default_mode, credentials=credentials),
     ]
 
 
@@ -645,16 +524,19 @@ def add_aio_interceptors(channel: grpc.aio.Channel, interceptors: list[Any]) -> 
     grpc.aio has no ``intercept_channel``; its channel keeps its interceptors in per-kind lists,
     read when a stub method is made, so this must run before the stubs are created.
     """
-    lists = {
-        grpc.aio.UnaryUnaryClientInterceptor: getattr(channel, "_unary_unary_interceptors", None),
-        grpc.aio.UnaryStreamClientInterceptor: getattr(channel, "_unary_stream_interceptors", None),
-    }
-    if not all(isinstance(found, list) for found in lists.values()):
-        return False
+    lists: dict[type, list[Any]] = {}
+    for kind, attribute in (
+        (grpc.aio.UnaryUnaryClientInterceptor, "_unary_unary_interceptors"),
+        (grpc.aio.UnaryStreamClientInterceptor, "_unary_stream_interceptors"),
+    ):
+        found = getattr(channel, attribute, None)
+        if not isinstance(found, list):
+            return False
+        lists[kind] = found
     for interceptor in interceptors:
-        for kind, found in lists.items():
+        for kind, kept in lists.items():
             if isinstance(interceptor, kind):
-                found.append(interceptor)
+                kept.append(interceptor)
     return True
 
 

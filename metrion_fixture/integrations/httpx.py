@@ -1,14 +1,25 @@
-"""Cache transports for httpx: ``CacheTransport`` and ``AsyncCacheTransport``.
+"""Cache transports for httpx, which hand-written code and older SDK releases use.
 
 client = httpx.Client(transport=CacheTransport(httpx.HTTPTransport(), url="redis://localhost"))
 """
 
-import httpx as _httpx
+from __future__ import annotations
 
-from .httpx_common import build_transports
+import httpx
 
-_built = build_transports(_httpx)
-CacheTransport = _built.CacheTransport
-AsyncCacheTransport = _built.AsyncCacheTransport
+from .httpx_common import AsyncCacheTransportBase, Library, SyncCacheTransportBase
+
+LIBRARY = Library(httpx)
+
+
+class CacheTransport(SyncCacheTransportBase, httpx.BaseTransport):
+    __doc__ = SyncCacheTransportBase.__doc__
+    library = LIBRARY
+
+
+class AsyncCacheTransport(AsyncCacheTransportBase, httpx.AsyncBaseTransport):
+    __doc__ = AsyncCacheTransportBase.__doc__
+    library = LIBRARY
+
 
 __all__ = ["AsyncCacheTransport", "CacheTransport"]

@@ -1,14 +1,25 @@
-"""Cache transports for httpx2, which anthropic 2.x and openai 3.x use: ``CacheTransport``, ``AsyncCacheTransport``.
+"""Cache transports for httpx2, which anthropic 2.x, openai 3.x, google-genai 3.x and mistralai 3.x use.
 
 client = httpx2.Client(transport=CacheTransport(httpx2.HTTPTransport(), url="redis://localhost"))
 """
 
-import httpx2 as _httpx
+from __future__ import annotations
 
-from .httpx_common import build_transports
+import httpx2
 
-_built = build_transports(_httpx)
-CacheTransport = _built.CacheTransport
-AsyncCacheTransport = _built.AsyncCacheTransport
+from .httpx_common import AsyncCacheTransportBase, Library, SyncCacheTransportBase
+
+LIBRARY = Library(httpx2)
+
+
+class CacheTransport(SyncCacheTransportBase, httpx2.BaseTransport):
+    __doc__ = SyncCacheTransportBase.__doc__
+    library = LIBRARY
+
+
+class AsyncCacheTransport(AsyncCacheTransportBase, httpx2.AsyncBaseTransport):
+    __doc__ = AsyncCacheTransportBase.__doc__
+    library = LIBRARY
+
 
 __all__ = ["AsyncCacheTransport", "CacheTransport"]

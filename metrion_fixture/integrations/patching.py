@@ -17,7 +17,7 @@ import importlib.util
 import sys
 import threading
 from collections.abc import Callable
-from types import SimpleNamespace
+from types import ModuleType
 from typing import Any
 
 from ..runtime.activation import active_session
@@ -30,21 +30,20 @@ _installs = 0
 _patched: list[tuple[type, Callable[..., Any], Callable[..., Any]]] = []
 
 
-def available_libraries() -> list[SimpleNamespace]:
-    """The transport classes of every installed HTTP library (importing it if needed)."""
-    built = []
-    for name in HTTP_LIBRARIES:
-        if importlib.util.find_spec(name) is None:
-            continue
-        built.append(importlib.import_module(f"{__package__}.{name}")._built)
-    return built
+def available_libraries() -> list[ModuleType]:
+    """The adapter modules of every installed HTTP library (importing it if needed)."""
+    return [
+        importlib.import_module(f"{__package__}.{name}")
+        for name in HTTP_LIBRARIES
+        if importlib.util.find_spec(name) is not None
+    ]
 
 
 def cache_transport_types() -> tuple[type, ...]:
     return tuple(cls for lib in available_libraries() for cls in (lib.CacheTransport, lib.AsyncCacheTransport))
 
 
-def _patch_for(library: SimpleNamespace, cache_class: type, original: Callable[..., Any]) -> Callable[..., Any]:
+def _patch_for(cache_class: type, original: Callable[..., Any]) -> Callable[..., Any]:
     own_types = cache_transport_types()
 
     def _transport_for_url(self: Any, url: Any) -> Any:
@@ -70,13 +69,13 @@ def install() -> None:
         if _installs > 1:
             return
         for library in available_libraries():
-            hx = library.module
+            hx = library.LIBRARY.module
             for client_class, cache_class in (
                 (hx.Client, library.CacheTransport),
                 (hx.AsyncClient, library.AsyncCacheTransport),
             ):
                 original = client_class._transport_for_url
-                patched = _patch_for(library, cache_class, original)
+                patched = _patch_for(cache_class, original)
                 client_class._transport_for_url = patched
                 _patched.append((client_class, original, patched))
         _install_xai()
@@ -93,7 +92,7 @@ def uninstall() -> None:
         while _patched:
             client_class, original, patched = _patched.pop()
             if client_class.__dict__.get("_transport_for_url") is patched:
-                client_class._transport_for_url = original
+                client_class._transport_for_url = original  # type: ignore[attr-defined]
         _uninstall_xai()
 
 

@@ -206,7 +206,8 @@ class StoredEntry:
 
     def summary(self) -> dict[str, Any]:
         entry = self.entry
-        usage = entry.extra.get("usage") if isinstance(entry.extra.get("usage"), dict) else {}
+        stored_usage = entry.extra.get("usage")
+        usage: dict[str, Any] = stored_usage if isinstance(stored_usage, dict) else {}
         return {
             "storage_key": self.storage_key,
             "key": entry.key,

@@ -46,7 +46,7 @@ def set_enabled(session: CacheSession | None) -> CacheSession | None:
 
 
 def enter_context_block(session: CacheSession) -> object:
-    """Cover this context (thread or task, and the tasks it starts); returns the token for :func:`exit_context_block`."""
+    """Cover this context (thread or task, and the tasks it starts) until :func:`exit_context_block` (token)."""
     return _context_blocks.set((*_context_blocks.get(), session))
 
 

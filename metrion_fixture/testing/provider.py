@@ -106,7 +106,7 @@ def _question_and_prompt(kind: str, req: dict[str, Any]) -> tuple[str, list[str]
         return (_gemini_text(users[-1]) if users else ""), [system] + [_gemini_text(c) for c in contents]
     if kind == "responses":
         given = req.get("input")
-        items = [given] if isinstance(given, str) else [i for i in given or [] if isinstance(i, (str, dict))]
+        items: list[Any] = [given] if isinstance(given, str) else [i for i in given or [] if isinstance(i, (str, dict))]
         users = [i for i in items if isinstance(i, str) or i.get("role", "user") == "user"]
         texts = [_text_of(req.get("instructions"))] + [_responses_text(i) for i in items]
         return (_responses_text(users[-1]) if users else ""), texts
@@ -250,7 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
         def event(name: str, **data: Any) -> bytes:
             return _sse(name, {"type": name, **data})
 
-        start = {
+        start: dict[str, Any] = {
             **message,
             "content": [],
             "stop_reason": None,

@@ -1,1 +1,1 @@
-"""Old import paths of the HTTP and gRPC adapters, kept for users: the code is in :mod:`metrion_fixture.integrations`."""
+"""Old import paths of the HTTP and gRPC adapters, kept for users: the code is in ``metrion_fixture.integrations``."""

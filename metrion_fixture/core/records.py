@@ -1,0 +1,39 @@
+"""What the cache tells the world about one request: its status and its call record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, Literal
+
+# What a response is tagged with (``x-metrion-cache``) and what its record says.
+Status = Literal["HIT", "MISS", "REFRESH", "BYPASS", "ERROR"]
+HIT: Final = "HIT"
+MISS: Final = "MISS"
+REFRESH: Final = "REFRESH"
+BYPASS: Final = "BYPASS"
+ERROR: Final = "ERROR"
+STATUSES: Final[tuple[Status, ...]] = (HIT, MISS, REFRESH, BYPASS, ERROR)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One request that reached the cache."""
+
+    key: str
+    wire_format: str
+    model: str
+    status: Status
+    stream: bool
+    latency: float  # seconds until the response (its headers, for streams) reached the caller
+    http_status: int
+    saved_seconds: float = 0.0  # on a hit: how long the provider took for the stored answer
+    at: float = 0.0  # wall-clock time of the request
+    # Usage and cost. None: unknown (not reported, a bypassed call, or a model without a price).
+    # A hit spends 0 tokens and $0.00; the saved_* fields are what the stored answer cost.
+    provider: str = ""
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cost_usd: float | None = None
+    saved_input_tokens: int = 0
+    saved_output_tokens: int = 0
+    saved_usd: float | None = None

@@ -1,0 +1,99 @@
+"""The async driver: performs the steps of the core's state machine with awaited I/O.
+
+An adapter gives it the request's flow (:meth:`CacheCore.exchange` or :meth:`CacheCore.serve`)
+and an :class:`AsyncUpstream` (how to read the request body, call the provider and read its
+body with its own library); the session gives it the store calls and where call records go.
+Every state is handled here, once: the adapters only translate their library's objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+
+from ...core.flow import (
+    Acquire,
+    Forward,
+    Lookup,
+    Outcome,
+    ReadBody,
+    ReadRequest,
+    Release,
+    Step,
+    Tee,
+    WaitFor,
+    Write,
+)
+
+if TYPE_CHECKING:
+    from ..session import CacheSession
+
+
+class AsyncUpstream(Protocol):
+    """The provider side of one request, in the adapter's HTTP (or gRPC) library."""
+
+    async def read_request(self) -> bytes: ...
+
+    async def forward(self, strip: tuple[str, ...]) -> tuple[int, list[tuple[str, str]]]: ...
+
+    async def read_body(self) -> bytes: ...
+
+
+async def drive(session: CacheSession, flow: Generator[Step, Any, Outcome], upstream: AsyncUpstream) -> Outcome:
+    """Run one request's flow to its final state, publish its call record, and return the state.
+
+    A single-flight lock taken on the way is given back if the provider call raises; once the
+    flow returns, the flow (or, for a stream, :func:`end_stream`) gives it back.
+    """
+    calls = session.async_store_calls
+    answer: Any = None
+    held: Acquire | None = None
+    try:
+        while True:
+            try:
+                step = flow.send(answer)
+            except StopIteration as done:
+                held = None
+                return session.publish_outcome(done.value)
+            if isinstance(step, Lookup):
+                answer = await calls.read(step.storage_key)
+            elif isinstance(step, ReadRequest):
+                answer = await upstream.read_request()
+            elif isinstance(step, Forward):
+                answer = await upstream.forward(step.strip)
+            elif isinstance(step, ReadBody):
+                answer = await upstream.read_body()
+            elif isinstance(step, Write):
+                answer = await calls.write(*step)
+            elif isinstance(step, Acquire):
+                answer = await calls.acquire(*step)
+                held = step if answer else None
+            elif isinstance(step, WaitFor):
+                answer = await calls.wait_for(*step)
+            elif isinstance(step, Release):
+                await calls.release(*step)
+                held = answer = None
+            else:
+                unreachable(step)
+    finally:
+        if held is not None:
+            await calls.release(held.key, held.token)
+
+
+async def end_stream(session: CacheSession, tee: Tee, reached_eof: bool) -> None:
+    """A recorded stream is over: store it if it is whole, complete its call record, give back its lock."""
+    try:
+        end = session.core.end_stream(tee, reached_eof)
+        if end.write is not None:
+            await session.async_store_calls.write(*end.write)
+        if end.record is not None:
+            session.publish(end.record, replaces=tee.record)
+            tee.record = end.record
+    finally:
+        release, tee.release = tee.release, None
+        if release is not None:
+            await session.async_store_calls.release(*release)
+
+
+def unreachable(step: NoReturn) -> NoReturn:
+    raise TypeError(f"not a step of the cache's flow: {step!r}")
