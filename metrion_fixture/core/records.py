@@ -1,9 +1,9 @@
-"""What the cache tells the world about one request: its status and its call record."""
+"""What the cache tells the world about one request: its status, its call record, the tokens it used."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 # What a response is tagged with (``x-metrion-cache``) and what its record says.
 Status = Literal["HIT", "MISS", "REFRESH", "BYPASS", "ERROR"]
@@ -37,3 +37,32 @@ class CallRecord:
     saved_input_tokens: int = 0
     saved_output_tokens: int = 0
     saved_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens one answer used, the same way for every provider.
+
+    ``input_tokens`` counts every prompt token, cached or not; ``cache_read_tokens`` and
+    ``cache_write_tokens`` are the parts of it read from / written to the provider's
+    prompt cache. ``output_tokens`` counts every generated token, reasoning included;
+    ``reasoning_tokens`` is that part (Gemini thoughts, OpenAI reasoning).
+    """
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: value for name, value in self.__dict__.items() if value}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Usage | None:
+        if not isinstance(data, dict):
+            return None
+        try:
+            return cls(**{name: int(data.get(name) or 0) for name in cls.__dataclass_fields__})
+        except (TypeError, ValueError):
+            return None

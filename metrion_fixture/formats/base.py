@@ -7,36 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.records import Usage
 from .sse import MAX_EVENT_BYTES, Event, SSEDecoder, SSEError
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Tokens one answer used, the same way for every provider.
-
-    ``input_tokens`` counts every prompt token, cached or not; ``cache_read_tokens`` and
-    ``cache_write_tokens`` are the parts of it read from / written to the provider's
-    prompt cache. ``output_tokens`` counts every generated token, reasoning included;
-    ``reasoning_tokens`` is that part (Gemini thoughts, OpenAI reasoning).
-    """
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {name: value for name, value in self.__dict__.items() if value}
-
-    @classmethod
-    def from_dict(cls, data: Any) -> Usage | None:
-        if not isinstance(data, dict):
-            return None
-        try:
-            return cls(**{name: int(data.get(name) or 0) for name in cls.__dataclass_fields__})
-        except (TypeError, ValueError):
-            return None
 
 
 @dataclass(frozen=True)
