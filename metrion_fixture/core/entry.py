@@ -102,25 +102,25 @@ class Entry:
         return sum(len(chunk) for chunk in self.chunks)
 
     def encode(self) -> bytes:
-        meta = json.dumps(
-            {
-                "v": FORMAT_VERSION,
-                "status": self.status,
-                "headers": self.headers,
-                "stream": self.stream,
-                "stored_at": self.stored_at,
-                "ttl": self.ttl,
-                "model": self.model,
-                "format": self.wire_format,
-                "key": self.key,
-                "provider_seconds": self.provider_seconds,
-                "chunks": len(self.chunks),
-                "size": self.size,
-                "extra": self.extra,
-            },
-            separators=(",", ":"),
-            ensure_ascii=False,
-        ).encode("utf-8")
+        fields = {
+            "v": FORMAT_VERSION,
+            "status": self.status,
+            "headers": self.headers,
+            "stream": self.stream,
+            "stored_at": self.stored_at,
+            "ttl": self.ttl,
+            "model": self.model,
+            "format": self.wire_format,
+            "key": self.key,
+            "provider_seconds": self.provider_seconds,
+            "chunks": len(self.chunks),
+            "size": self.size,
+            "extra": self.extra,
+        }
+        try:
+            meta = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (a model name cut inside an emoji): escaped, same value
+            meta = json.dumps(fields, separators=(",", ":")).encode("ascii")
         parts = [MAGIC, _U32.pack(len(meta)), meta]
         for chunk in self.chunks:
             parts.append(_U32.pack(len(chunk)))
