@@ -96,7 +96,18 @@ def check_ttl(ttl: object) -> int:
     return min(seconds, MAX_TTL_SECONDS)
 
 
+# Namespaces the cache keeps for its own records (``_ledger``: every namespace's call records):
+# a name starting with '_' is refused, so clearing a namespace never touches them.
+RESERVED_NAMESPACE_PREFIX = "_"
+RESERVED_NAMESPACES = ("_ledger",)
+
+
 def check_namespace(namespace: object) -> str:
     if not isinstance(namespace, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", namespace):
         raise MetrionCacheError(f"invalid namespace {namespace!r}; use 1-64 letters, digits, '.', '_' or '-'")
+    if namespace.startswith(RESERVED_NAMESPACE_PREFIX):
+        raise MetrionCacheError(
+            f"invalid namespace {namespace!r}: names starting with '_' are reserved for the cache's own records "
+            f"({', '.join(RESERVED_NAMESPACES)}); use a name starting with a letter or digit"
+        )
     return namespace

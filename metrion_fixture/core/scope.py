@@ -2,7 +2,8 @@
 
 With ``scope="credential"`` the storage key ends with a keyed hash of the
 request's credential (``Authorization`` bearer token, ``x-api-key``,
-``x-goog-api-key`` or the ``?key=`` query parameter). The credential itself is
+``x-goog-api-key``, Azure OpenAI's ``api-key``, or the ``?key=`` / ``?api-key=`` query
+parameter). The credential itself is
 never stored, logged or returned; the hash is HMAC-SHA256 with a fixed library
 salt, truncated to 128 bits, so the store holds nothing an attacker could use
 as a key, and the same credential always lands in the same scope across
@@ -21,8 +22,8 @@ from ..errors import MetrionCacheError
 SCOPES = ("shared", "credential")
 SCOPE_ENV = "METRION_CACHE_SCOPE"
 _SALT = b"metrion-fixture/credential-scope/v1"
-_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
-_CREDENTIAL_PARAMS = ("key",)
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "x-goog-api-key", "api-key")  # api-key: Azure OpenAI
+_CREDENTIAL_PARAMS = ("key", "api-key")
 
 
 def check_scope(scope: object) -> str:
