@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from .core.directives import check_ttl
-from .core.options import OPTIONS, URL_ENV, argument_layer, environment_layer, flag_layer, resolve
+from .core.options import OPTIONS, URL_ENV, Layer, argument_layer, environment_layer, flag_layer, resolve
 from .errors import MetrionCacheError
 from .reporting.reports import GROUPINGS, StoredEntry, answer_text, entries, render_entries, render_report, stats
 from .runtime.session import CacheSession
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
             help=option.spec.help + (f"; env: {env}" if env else ""),
         )
     add_ledger_commands(commands)
+    add_serve_command(commands)
     return parser
 
 
@@ -179,6 +180,66 @@ def purge_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- serve ----------------------------------------------------------------------------------------------------
+
+# A proxy passes requests through unless they opt in with x-metrion-cache, as the proxy this cache mirrors did.
+_SERVE_DEFAULTS: dict[str, object] = {"mode": "off"}
+_SERVE_OPTIONS = tuple(option for option in OPTIONS if option.name != "max_records")  # no one reads its calls list
+
+
+def add_serve_command(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="a local caching proxy: point any SDK's base URL at http://HOST:PORT/anthropic (openai, gemini, ...)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token)"
+    )
+    serve.add_argument("--port", type=int, default=8787, help="port to listen on (default 8787)")
+    serve.add_argument(
+        "--upstream",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="route /NAME/... to URL/... (overrides a provider's URL or adds a route; repeatable)",
+    )
+    serve.add_argument(
+        "--token",
+        help="require this value in every request's x-metrion-proxy-token header (env: METRION_PROXY_TOKEN)",
+    )
+    for option in _SERVE_OPTIONS:
+        env = option.env if option.env and not option.spec.env_for_pytest_only else None
+        text = option.spec.help
+        if option.name == "mode":
+            text = (
+                "requests without an x-metrion-cache header: off (default: passed through), true (read and "
+                "store), refresh (call the provider, replace the entry), replay (read only, never call the provider)"
+            )
+        serve.add_argument(
+            option.flag, dest=option.name, metavar=option.spec.metavar, help=text + (f"; env: {env}" if env else "")
+        )
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn  # noqa: F401
+
+        from .integrations.server import TOKEN_ENV, parse_upstreams, serve
+    except ImportError:
+        print("metrion-cache serve needs uvicorn and httpx2: pip install 'metrion-fixture[proxy]'", file=sys.stderr)
+        return 2
+    try:
+        upstreams = parse_upstreams(args.upstream)
+    except ValueError as error:
+        raise MetrionCacheError(str(error)) from None
+    given = {option.name: getattr(args, option.name) for option in _SERVE_OPTIONS}
+    layers = (flag_layer(given), environment_layer(os.environ), Layer("default", _SERVE_DEFAULTS))
+    options = resolve(*layers).options
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    serve(CacheSession(options=options), host=args.host, port=args.port, upstreams=upstreams, token=token)
+    return 0
+
+
 def import_cassettes_command(args: argparse.Namespace) -> int:
     try:
         import vcr  # noqa: F401
@@ -225,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args.url, latency=args.latency)
         elif args.command == "import-cassettes":
             return import_cassettes_command(args)
+        elif args.command == "serve":
+            return serve_command(args)
         elif args.command in LEDGER_COMMANDS:
             return LEDGER_COMMANDS[args.command](args)
     except MetrionCacheError as error:

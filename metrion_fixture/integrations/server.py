@@ -1,0 +1,419 @@
+"""``metrion-cache serve``: the cache as a local HTTP proxy, for any client in any language.
+
+A client points its base URL at ``http://HOST:PORT/<provider>`` (``/anthropic``, ``/openai``,
+``/gemini``, ``/mistral``, ``/xai``, or a name given with ``--upstream NAME=URL``) and opts in per
+request with ``x-metrion-cache: true | refresh``. The app is plain ASGI (served by uvicorn): it
+turns each request into an ``httpx2.Request`` for the provider and hands it to the httpx2
+adapter's :class:`~metrion_fixture.integrations.httpx2.AsyncCacheTransport`, so every decision is
+the core's and every step the async driver's, exactly as in-process; this module only translates
+between ASGI and httpx2 and adds what a shared proxy needs (routes, a token, 502s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
+from typing import Any
+
+import httpx2
+
+from ..core.directives import MODE_HEADER
+from ..core.options import mask_password
+from ..errors import MetrionCacheError
+from ..formats import wire_format_for
+from ..runtime.session import CacheSession
+from .httpx2 import LIBRARY, AsyncCacheTransport
+
+__all__ = [
+    "DEFAULT_PORT",
+    "DEFAULT_UPSTREAMS",
+    "HEALTH_PATH",
+    "TOKEN_ENV",
+    "TOKEN_HEADER",
+    "ProxyApp",
+    "is_loopback",
+    "parse_upstreams",
+    "serve",
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+DEFAULT_PORT = 8787
+TOKEN_ENV = "METRION_PROXY_TOKEN"
+TOKEN_HEADER = "x-metrion-proxy-token"
+HEALTH_PATH = "/_metrion/health"
+DEFAULT_UPSTREAMS: dict[str, str] = {
+    "anthropic": "https://api.anthropic.com",
+    "openai": "https://api.openai.com",
+    "gemini": "https://generativelanguage.googleapis.com",
+    "mistral": "https://api.mistral.ai",
+    "xai": "https://api.x.ai",
+}
+# Seconds. A provider may think for minutes before its first byte (a long answer, a reasoning
+# model), so only connecting is quick to give up; the SDKs' own timeouts bound the rest.
+UPSTREAM_TIMEOUT = {"connect": 10.0, "read": 900.0, "write": 900.0, "pool": 900.0}
+# Partial ledger batches are written this often, so a quiet proxy's calls reach `metrion-cache
+# stats` without filling the ledger's bounded batch count with tiny batches.
+LEDGER_FLUSH_SECONDS = 300.0
+
+_TOKEN = TOKEN_HEADER.encode()
+# Hop-by-hop (RFC 9110 7.6.1), or answered here: they describe the client's connection to us.
+# The client's accept-encoding is replaced by identity (below); its content-length stays, since
+# the body is forwarded byte for byte.
+_REQUEST_DROPPED = frozenset(
+    {
+        b"host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",  # uvicorn answers 100-continue itself
+        b"accept-encoding",
+        _TOKEN,
+    }
+)
+# Uncompressed bytes from the provider pass through untouched, chunk by chunk, and are what the
+# recorder stores; a client that wants gzip still gets a correct (uncompressed) answer.
+_IDENTITY = (b"accept-encoding", b"identity")
+_RESPONSE_DROPPED = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",  # the response is re-framed by uvicorn (chunked when it has no length)
+        "upgrade",
+    }
+)
+_JSON = [(b"content-type", b"application/json")]
+_NO_RETRY = (b"x-should-retry", b"false")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_KEY_IN_QUERY = re.compile(r"([?&](?:key|api[-_]key)=)[^&\s]*", re.IGNORECASE)
+
+log = logging.getLogger("metrion_fixture.proxy")
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+class ProxyApp:
+    """The ASGI app: routes by provider prefix, checks the token, forwards through the cache.
+
+    ``upstreams`` maps a route name to the provider's base URL (default :data:`DEFAULT_UPSTREAMS`);
+    ``token``, when set, must come with every request in ``x-metrion-proxy-token``. ``transport``
+    is the inner httpx2 transport that reaches the providers (default: an ``AsyncHTTPTransport``).
+    """
+
+    def __init__(
+        self,
+        session: CacheSession,
+        upstreams: Mapping[str, str] | None = None,
+        *,
+        token: str | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
+        ledger_flush_seconds: float = LEDGER_FLUSH_SECONDS,
+    ) -> None:
+        self.session = session
+        self.upstreams = dict(DEFAULT_UPSTREAMS if upstreams is None else upstreams)
+        self._bases = {name.encode(): base.rstrip("/") for name, base in self.upstreams.items()}
+        self.token = token.encode() if token else None
+        inner = transport or httpx2.AsyncHTTPTransport(
+            limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=100), retries=0
+        )
+        # The transport, not an AsyncClient: a client would keep the providers' cookies in one jar
+        # for every user of the proxy, and follow redirects that the user's SDK should see.
+        self.transport = AsyncCacheTransport(inner, session=session)
+        self.ledger_flush_seconds = ledger_flush_seconds
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    # -- one request ------------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        name, _, rest = raw_path[1:].partition(b"/")
+        base = self._bases.get(name)
+        method: str = scope["method"]
+        headers: list[tuple[bytes, bytes]] = [_IDENTITY]
+        given_token = None
+        named_by_connection: set[bytes] = set()
+        for key, value in scope["headers"]:
+            if key in _REQUEST_DROPPED:
+                if key == _TOKEN:
+                    given_token = value
+                elif key == b"connection":
+                    named_by_connection.update(part.strip().lower() for part in value.split(b","))
+                continue
+            headers.append((key, value))
+        if named_by_connection:
+            headers = [(key, value) for key, value in headers if key not in named_by_connection]
+
+        if self.token is not None and not (given_token is not None and hmac.compare_digest(given_token, self.token)):
+            if raw_path == HEALTH_PATH.encode():
+                return await _send_json(send, 200, {"status": "ok"})
+            message = f"metrion proxy: this proxy needs the {TOKEN_HEADER} header with its token"
+            if given_token is not None:
+                message = f"metrion proxy: wrong {TOKEN_HEADER}"
+            return await _send_error(send, 401, message, method, "/" + rest.decode("latin-1"), "authentication_error")
+        if base is None:
+            if raw_path == HEALTH_PATH.encode():
+                return await _send_json(send, 200, {"status": "ok"})
+            routes = ", ".join(f"/{known}" for known in sorted(self.upstreams))
+            message = (
+                f"metrion proxy: no provider route for {raw_path.decode('latin-1')!r}; the routes are {routes} "
+                "(the provider's name, then its own path: http://HOST:PORT/anthropic/v1/messages; "
+                "add one with --upstream NAME=URL)"
+            )
+            return await _send_error(send, 404, message, "", "", "not_found_error")
+
+        query: bytes = scope.get("query_string", b"")
+        url = f"{base}/{rest.decode('latin-1')}" + (f"?{query.decode('latin-1')}" if query else "")
+        content = await _request_body(receive, headers)
+        request = httpx2.Request(method, url, headers=headers, content=content, extensions=_EXTENSIONS)
+        try:
+            response = await self.transport.handle_async_request(request)
+        except _ClientGone:
+            return
+        except httpx2.TransportError as error:
+            status = 504 if isinstance(error, httpx2.TimeoutException) else 502
+            message = (
+                f"metrion proxy: could not reach the provider at {base} ({type(error).__name__}: {error}); "
+                "check that it is up and that this machine can reach it"
+            )
+            log.warning("%s %s: %s", method, _masked(url), message)
+            return await _send_error(send, status, message, method, request.url.path, "api_error", retry=True)
+
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": [(key, value) for key, value in response.headers.raw if key.lower() not in _DROPPED_BYTES],
+            }
+        )
+        if response.is_stream_consumed:  # already in memory: a hit, a cache error, a rebuilt answer
+            await send({"type": "http.response.body", "body": response.content})
+        elif isinstance(response.stream, LIBRARY.chunk_stream):  # a stored stream, replayed from memory
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        else:
+            await self._relay(response, receive, send)
+
+    async def _relay(self, response: httpx2.Response, receive: Receive, send: Send) -> None:
+        """Pass the provider's body on as it arrives; stop reading it as soon as the client leaves.
+
+        Closing a recorded stream before its end stores nothing (the core decides, as for an SDK
+        that closes its stream), and closes the provider's connection so it stops generating.
+        """
+        relay = asyncio.ensure_future(_pump(response, send))
+        gone = asyncio.ensure_future(_disconnect(receive))
+        try:
+            await asyncio.wait((relay, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (relay, gone):
+                task.cancel()
+            await asyncio.gather(relay, gone, return_exceptions=True)
+            await response.aclose()
+        if not relay.cancelled() and relay.exception() is not None:
+            # The provider broke its stream: ours ends unfinished too (uvicorn closes the connection
+            # without the last chunk), so the client sees a cut stream, not a complete short one.
+            log.warning("the provider's stream broke: %r", relay.exception())
+
+    # -- start and stop ---------------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                if self.ledger_flush_seconds > 0:
+                    self._flusher = asyncio.ensure_future(self._flush_ledger_every(self.ledger_flush_seconds))
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _flush_ledger_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            with contextlib.suppress(Exception):  # the ledger never fails the proxy
+                await asyncio.to_thread(self.session.flush_ledger)
+
+    async def aclose(self) -> None:
+        """Close the provider connections and write the calls not yet in the store's ledger."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+            self._flusher = None
+        await self.transport.aclose()
+        with contextlib.suppress(Exception):
+            # In a thread: a store that does not answer may take seconds, and flush() on an event
+            # loop only hands the write to the ledger's thread, which exit may not wait for.
+            await asyncio.to_thread(self.session.flush_ledger)
+
+
+_EXTENSIONS = {"timeout": UPSTREAM_TIMEOUT}
+_DROPPED_BYTES = frozenset(name.encode() for name in _RESPONSE_DROPPED)
+
+
+async def _request_body(receive: Receive, headers: Iterable[tuple[bytes, bytes]]) -> bytes | AsyncIterator[bytes]:
+    """The request body: bytes when it came in one piece (an LLM request), else a stream (an upload)."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise _ClientGone
+    first: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        if not first and not any(key == b"content-length" for key, _ in headers):
+            return b""
+        return first
+
+    async def rest() -> AsyncIterator[bytes]:
+        yield first
+        while True:
+            more = await receive()
+            if more["type"] == "http.disconnect":
+                raise _ClientGone
+            yield more.get("body", b"")
+            if not more.get("more_body", False):
+                return
+
+    return rest()
+
+
+async def _pump(response: httpx2.Response, send: Send) -> None:
+    async for chunk in response.aiter_raw():
+        if chunk:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send_json(send: Send, status: int, body: Any, extra: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    headers = [*_JSON, *extra, (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+async def _send_error(
+    send: Send, status: int, message: str, method: str, path: str, kind: str, *, retry: bool = False
+) -> None:
+    """The proxy's own error: in the provider's shape when the path is one of its LLM endpoints."""
+    wire_format = wire_format_for(method, path) if method else None
+    body = (
+        wire_format.error_body(status, message)
+        if wire_format is not None
+        else {"type": "error", "error": {"type": kind, "message": message}}
+    )
+    extra = [(MODE_HEADER.encode(), b"ERROR")] if status >= 500 else []
+    await _send_json(send, status, body, extra if retry else [*extra, _NO_RETRY])
+
+
+def _masked(text: str) -> str:
+    """A URL or log line without an API key in its query (Gemini's ``?key=``)."""
+    return _KEY_IN_QUERY.sub(r"\1***", text)
+
+
+class _MaskKeys(logging.Filter):
+    """uvicorn's access log prints the query: keep API keys (``?key=``) out of it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_masked(arg) if isinstance(arg, str) else arg for arg in record.args)
+        return True
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+
+def parse_upstreams(given: Iterable[str]) -> dict[str, str]:
+    """The default routes with ``NAME=URL`` overrides and additions; ValueError says what is wrong."""
+    upstreams = dict(DEFAULT_UPSTREAMS)
+    for item in given:
+        name, sep, url = item.partition("=")
+        name, url = name.strip().lower(), url.strip()
+        if not sep or not _NAME.fullmatch(name):
+            raise ValueError(f"invalid --upstream {item!r}; use NAME=URL, e.g. anthropic=http://127.0.0.1:9000")
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"invalid --upstream {item!r}: the URL must start with http:// or https://")
+        upstreams[name] = url.rstrip("/")
+    return upstreams
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def serve(
+    session: CacheSession,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    upstreams: Mapping[str, str] | None = None,
+    token: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Run the proxy until SIGINT / SIGTERM; in-flight requests and streams finish first."""
+    import uvicorn  # only the proxy needs it (the 'proxy' extra)
+
+    if not token and not is_loopback(host):
+        raise MetrionCacheError(
+            f"refusing to listen on {host} without a token: anyone who can reach it could read every cached "
+            f"answer and send requests through it; pass --token TOKEN (or set {TOKEN_ENV}) and have clients "
+            f"send it in the {TOKEN_HEADER} header, or listen on 127.0.0.1"
+        )
+    app = ProxyApp(session, upstreams, token=token)
+    logging.getLogger("uvicorn.access").addFilter(_MaskKeys())
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        log_level=log_level,
+        # The provider's own Server and Date headers are passed on (and replayed on hits).
+        server_header=False,
+        date_header=False,
+        ws="none",
+    )
+    routes = ", ".join(f"/{name} -> {url}" for name, url in app.upstreams.items())
+    shown = f"[{host}]" if ":" in host else host
+    print(
+        f"metrion cache proxy on http://{shown}:{port} (store {mask_password(session.url)}, namespace "
+        f"{session.settings.namespace}, mode {session.mode}{', token required' if token else ''})\n"
+        f"routes: {routes}",
+        file=sys.stderr,
+        flush=True,
+    )
+    uvicorn.Server(config).run()
