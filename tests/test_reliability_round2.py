@@ -7,16 +7,20 @@ time is what it measures.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import uuid
 from typing import Any
 
 import httpx2
 import pytest
+from test_reliability_flight import BODY as FLIGHT_BODY
+from test_reliability_flight import SSE, SlowProvider, run_threads, sync_request, text_of
 
 from metrion_fixture import CacheSession, MetrionCacheError
-from metrion_fixture.core.key import cache_key
-from metrion_fixture.transports.httpx2 import CacheTransport
+from metrion_fixture.core.key import _iterative_json, cache_key
+from metrion_fixture.transports.httpx2 import AsyncCacheTransport, CacheTransport
 
 ANTHROPIC_ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "ok"}]}
 OPENAI_ANSWER = {
@@ -109,8 +113,6 @@ def test_the_key_is_total_and_keeps_distinct_prompts_apart():
     expected = json.dumps(
         {"model": "m", "messages": shallow}, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
-    from metrion_fixture.core.key import _iterative_json
-
     assert _iterative_json({"model": "m", "messages": shallow}) == expected
 
 
@@ -145,3 +147,100 @@ def test_azure_api_key_is_a_credential(where):
 def test_reserved_namespaces_are_refused(name):
     with pytest.raises(MetrionCacheError, match="reserved"):
         CacheSession("memory://round2", namespace=name)
+
+
+# -- single flight: 2 (one store timeout), 3 (never wait for oneself), 4 (failures at once), 5 (both shapes) --
+
+
+def hanging(seconds: float):
+    def call(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        raise TimeoutError("store hung")
+
+    return call
+
+
+def test_a_store_that_hangs_mid_request_costs_one_timeout_not_two():
+    """The lookup and the lock work, then the store hangs: the write times out, the release is skipped by the breaker."""
+    provider = Provider()
+    client, session = client_for(provider, url=f"memory://{uuid.uuid4().hex}")
+    store = session.store
+    store.set = hanging(0.8)  # type: ignore[method-assign]
+    store.release = hanging(0.8)  # type: ignore[method-assign]
+    with client:
+        started = time.monotonic()
+        response = client.post("/v1/messages", json={"model": "m", "messages": [{"role": "user", "content": "hang"}]})
+        elapsed = time.monotonic() - started
+    assert response.status_code == 200 and response.headers["x-metrion-cache"] == "MISS"
+    assert len(provider.received) == 1
+    assert elapsed < 1.4, f"{elapsed:.2f} s: more than one store timeout (0.8 s)"
+
+
+def test_one_thread_opening_two_identical_streams_never_waits_for_itself():
+    """Two identical streams opened before the first is read: the second goes to the provider at once."""
+    provider = SlowProvider(pause=0.0)
+    session = CacheSession(f"memory://{uuid.uuid4().hex}", namespace="r2-self", single_flight_wait=5)
+    body = {**FLIGHT_BODY, "stream": True}
+    with httpx2.Client(transport=CacheTransport(httpx2.MockTransport(provider), session=session)) as client:
+        started = time.monotonic()
+        first = client.send(client.build_request("POST", "https://p.test/v1/messages", json=body), stream=True)
+        second = client.send(client.build_request("POST", "https://p.test/v1/messages", json=body), stream=True)
+        opened = time.monotonic() - started
+        texts = [text_of(response.read(), True) for response in (second, first)]
+        first.close()
+        second.close()
+    assert opened < 1.0, f"the second stream waited {opened:.2f} s for a lock its own thread holds"
+    assert texts == ["the answer", "the answer"] and provider.calls == 2
+
+
+def test_the_same_in_one_asyncio_task():
+    calls: list[int] = []
+
+    async def provider(request: httpx2.Request) -> httpx2.Response:
+        calls.append(1)
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=b"".join(SSE))
+
+    session = CacheSession(f"memory://{uuid.uuid4().hex}", namespace="r2-self-async", single_flight_wait=5)
+    body = {**FLIGHT_BODY, "stream": True}
+
+    async def main() -> float:
+        transport = AsyncCacheTransport(httpx2.MockTransport(provider), session=session)
+        async with httpx2.AsyncClient(transport=transport) as client:
+            started = time.monotonic()
+            first = await client.send(
+                client.build_request("POST", "https://p.test/v1/messages", json=body), stream=True
+            )
+            second = await client.send(
+                client.build_request("POST", "https://p.test/v1/messages", json=body), stream=True
+            )
+            opened = time.monotonic() - started
+            await second.aread()
+            await first.aread()
+            await first.aclose()
+            await second.aclose()
+            return opened
+
+    opened = asyncio.run(main())
+    assert opened < 1.0, f"the second stream waited {opened:.2f} s for a lock its own task holds"
+    assert len(calls) == 2
+
+
+def test_waiters_of_a_failing_leader_fail_together_not_in_series():
+    """10 identical requests, the provider answers 500 after 0.5 s: the last caller is done after ~2 calls, not 10."""
+    provider = SlowProvider(decide=lambda n: "fail", pause=0.5)
+    session = CacheSession(f"memory://{uuid.uuid4().hex}", namespace="r2-fail")
+    started = time.monotonic()
+    results = run_threads(10, lambda _: sync_request(session, provider))
+    elapsed = time.monotonic() - started
+    assert [r[0] for r in results] == [500] * 10
+    assert elapsed < 2.0, f"the last of 10 callers was answered after {elapsed:.2f} s"
+
+
+def test_mixed_stream_and_json_duplicates_make_one_provider_call():
+    """5 streamed and 5 non-streamed identical requests at once: one provider call, every shape answered."""
+    provider = SlowProvider(pause=0.3)
+    session = CacheSession(f"memory://{uuid.uuid4().hex}", namespace="r2-mixed")
+    results = run_threads(10, lambda n: sync_request(session, provider, {**FLIGHT_BODY, "stream": n % 2 == 0}))
+    assert provider.calls == 1
+    assert sorted(tag for _, tag, _ in results) == ["HIT"] * 9 + ["MISS"]
+    assert {text_of(content, n % 2 == 0) for n, (_, _, content) in enumerate(results)} == {"the answer"}

@@ -345,6 +345,18 @@ def other_variant_key(plan: Plan, namespace: str) -> str:
     return storage_key(namespace, plan.wire_format.name, other, plan.key) + plan.storage_key[len(prefix) :]
 
 
+def lock_key(plan: Plan, namespace: str, storage_key: str) -> str:
+    """The single-flight lock of a request: one per key (and scope), shared by both modes when they convert.
+
+    A streamed and a non-streamed duplicate answer each other, so they take the same lock:
+    the one of the non-streamed entry's storage key.
+    """
+    assert plan.wire_format is not None
+    if plan.stream and plan.wire_format.converts_modes:
+        storage_key = other_variant_key(plan, namespace)
+    return storage_key + ":lock"
+
+
 def converted_reply(plan: Plan, entry: Entry, now: float) -> Reply | None:
     """A stored answer of the other mode, converted to the mode the request asked for; None if it cannot be."""
     wire_format = plan.wire_format

@@ -34,6 +34,7 @@ from .engine import (
     decode_hit,
     decoded_headers,
     hit_reply,
+    lock_key,
     other_variant_key,
     plan_request,
     read_usage,
@@ -46,6 +47,9 @@ from .entry import Entry, RecentEntries
 from .records import CallRecord, Status
 
 LOCK_SUFFIX = ":lock"
+# The answer to an Acquire when the lock is already held by this very thread or task (a second
+# identical stream opened before the first was read): waiting would be waiting for itself.
+HELD_HERE = "held-here"
 
 
 class Clock(Protocol):
@@ -123,7 +127,11 @@ class Write(NamedTuple):
 
 
 class Acquire(NamedTuple):
-    """Take the single-flight lock ``key`` for ``token`` (expiring after ``ttl_ms``). Answer: True if taken."""
+    """Take the single-flight lock ``key`` for ``token`` (expiring after ``ttl_ms``).
+
+    Answer: True if taken, False if another caller holds it, :data:`HELD_HERE` if the thread or
+    task asking already holds it (the driver knows which locks it holds).
+    """
 
     key: str
     token: str
@@ -194,6 +202,13 @@ class Tee:
 
 
 Outcome = Answer | PassThrough | Rebuilt | Tee
+
+
+class Converted(NamedTuple):
+    """An answer found in the other mode while taking a turn, converted to the requested one."""
+
+    reply: Reply
+    entry: Entry
 
 
 class StreamEnd(NamedTuple):
@@ -287,6 +302,8 @@ class CacheCore:
                 turn = yield from self.take_turn(plan)
                 if isinstance(turn, Release):
                     lock = turn
+                elif isinstance(turn, Converted):
+                    return Answer(turn.reply, self._call(plan, HIT, turn.reply.status, started, hit=turn.entry))
                 elif turn is not None:
                     return self._hit(plan, turn, started)
 
@@ -338,31 +355,57 @@ class CacheCore:
         """Whether a miss should take its turn (single flight) before asking the provider."""
         return not isinstance(found, BaseException) and plan.write_ttl > 0 and self.settings.single_flight_wait > 0
 
-    def take_turn(self, plan: Plan) -> Generator[Step, Any, Release | Entry | None]:
+    def take_turn(self, plan: Plan) -> Generator[Step, Any, Release | Entry | Converted | None]:
         """Become the one caller that asks the provider for this key, or wait for that caller's entry.
 
+        The lock covers the key, not the stored mode (:func:`lock_key`): a streamed and a
+        non-streamed duplicate wait for each other, and the waiter converts the other's answer.
         Returns the lock to release once the answer is stored (this caller asks the provider),
-        the entry (it appeared meanwhile: a hit), or None (waited until the deadline, or the
-        store cannot lock: ask the provider without a lock). A holder that fails releases the
-        lock and one waiter takes over; one that dies leaves a lock that expires.
+        the entry or the other mode's answer converted (it appeared meanwhile: a hit), or None:
+        ask the provider without a lock, because this thread or task holds the lock itself
+        (never wait for oneself), the deadline passed, the store cannot lock, or the leader
+        gave the lock back without an answer (it failed: every waiter learns it at the same
+        moment and they all go to the provider at once, none waits for another's failure).
+        A leader that dies leaves a lock that expires, with the same effect.
         """
-        lock_key = plan.storage_key + LOCK_SUFFIX
+        lock = lock_key(plan, self.settings.namespace, plan.storage_key)
         token = self.new_token()
         wait = self.settings.single_flight_wait
         deadline = self.clock.monotonic() + wait
         while True:
-            if (yield Acquire(lock_key, token, int(wait * 1000) + 1000)):
-                # Another caller may have stored the entry between our first look and our lock.
-                entry = self.own_entry(plan, (yield Lookup(plan.storage_key)))
-                if entry is None:
-                    return Release(lock_key, token)
-                yield Release(lock_key, token)
-                return entry
-            entry = self.own_entry(plan, (yield WaitFor(plan.storage_key, lock_key, deadline)))
+            taken = yield Acquire(lock, token, int(wait * 1000) + 1000)
+            if taken == HELD_HERE:
+                return None
+            if taken:
+                # Another caller may have stored the answer between our first look and our lock.
+                found = yield from self._look_again(plan)
+                if found is None:
+                    return Release(lock, token)
+                yield Release(lock, token)
+                return found
+            waited = yield WaitFor(plan.storage_key, lock, deadline)
+            entry = self.own_entry(plan, waited)
             if entry is not None:
                 return entry
             if self.clock.monotonic() >= deadline:
                 return None
+            if waited is None:
+                # The lock is gone: the leader's answer is stored (in either mode), or it failed.
+                return (yield from self._look_again(plan))
+            # A value that is not this request's answer (damaged, another key's): keep waiting.
+
+    def _look_again(self, plan: Plan) -> Generator[Step, Any, Entry | Converted | None]:
+        """The answer in the requested mode, else the other mode's converted; None if neither is there."""
+        entry = self.own_entry(plan, (yield Lookup(plan.storage_key)))
+        if entry is not None:
+            return entry
+        assert plan.wire_format is not None
+        if not plan.wire_format.converts_modes:
+            return None
+        other = yield Lookup(other_variant_key(plan, self.settings.namespace))
+        other_entry = None if isinstance(other, BaseException) else decode_hit(other, self.entries)
+        converted = None if other_entry is None else converted_reply(plan, other_entry, self.clock.wall())
+        return None if converted is None or other_entry is None else Converted(converted, other_entry)
 
     def own_entry(self, plan: Plan, found: Any) -> Entry | None:
         """The entry in a store's answer, if it is whole and is this request's (not another key's or mode's)."""

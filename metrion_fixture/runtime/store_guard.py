@@ -7,7 +7,10 @@ one timeout per period, not one per request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
+import time
 from collections.abc import Callable
 
 from ..core.breaker import CircuitBreaker
@@ -46,3 +49,50 @@ class StoreGuard:
                 error,
                 self.breaker.cooldown,
             )
+
+
+def current_holder() -> object:
+    """Who is asking: the running asyncio task, else the thread."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop running in this thread
+        task = None
+    return task if task is not None else threading.get_ident()
+
+
+class HeldLocks:
+    """The single-flight locks this process holds, and which thread or task took each one.
+
+    Single flight must never wait for itself: a thread (or task) that opens two identical
+    streams before reading the first holds the lock the second would wait for. The driver asks
+    :meth:`held_here` before taking a lock. A lock is forgotten when it is given back (by
+    whoever gives it back: a stream may end in another thread) or when it expires.
+    """
+
+    def __init__(self, monotonic: Callable[[], float]) -> None:
+        self._monotonic = monotonic
+        self._held: dict[str, dict[str, tuple[object, float]]] = {}  # lock key -> token -> (holder, expiry)
+        self._lock = threading.Lock()
+
+    def held_here(self, key: str) -> bool:
+        holders = self._held.get(key)
+        if not holders:
+            return False
+        me, now = current_holder(), self._monotonic()
+        with self._lock:
+            return any(holder == me and now < expiry for holder, expiry in holders.values())
+
+    def took(self, key: str, token: str, ttl_ms: int) -> None:
+        with self._lock:
+            self._held.setdefault(key, {})[token] = (current_holder(), self._monotonic() + ttl_ms / 1000)
+
+    def gave_back(self, key: str, token: str) -> None:
+        with self._lock:
+            holders = self._held.get(key)
+            if holders is not None:
+                holders.pop(token, None)
+                if not holders:
+                    del self._held[key]
+
+
+HELD_LOCKS = HeldLocks(time.monotonic)  # one per process: every session, sync and async

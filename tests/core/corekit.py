@@ -396,5 +396,8 @@ def upstream(stream: bool, *extra: tuple[str, str], status: int = 200) -> tuple[
 
 
 def cold(req: Req) -> list[Answers]:
-    """A first-time request in mode true, up to its Forward: nothing stored in either mode, the lock is ours."""
-    return [(ReadRequest, req.body), (Lookup, None), (Lookup, None), (Acquire, True), (Lookup, None)]
+    """A first-time request in mode true, up to its Forward: nothing stored in either mode, the lock is ours.
+
+    With the lock taken it looks again in both modes: either may have been stored meanwhile.
+    """
+    return [(ReadRequest, req.body), (Lookup, None), (Lookup, None), (Acquire, True), (Lookup, None), (Lookup, None)]

@@ -36,6 +36,7 @@ from corekit import (
 from metrion_fixture.core.engine import Settings, plan_prompt
 from metrion_fixture.core.entry import Entry, RecentEntries
 from metrion_fixture.core.flow import (
+    HELD_HERE,
     Acquire,
     Answer,
     CacheCore,
@@ -62,7 +63,8 @@ OTHER_KEY = "0" * 64
 
 
 def lock_of(case: Case, stream: bool = False) -> str:
-    return case.storage_key(stream) + ":lock"
+    # One lock per key for both modes (they answer each other): the non-streamed entry's, plus ":lock".
+    return case.storage_key(False) + ":lock"
 
 
 def stored_after_miss(case: Case) -> list[tuple[type, object]]:
@@ -212,6 +214,7 @@ def test_an_entry_of_another_key_under_this_storage_key_is_never_served(stream):
         (Lookup, stored(ANTHROPIC, not stream, key=OTHER_KEY)),  # nor converted from the other mode
         (Acquire, True),
         (Lookup, foreign),
+        (Lookup, None),  # nor in the other mode
         (Forward, upstream(stream, status=500)),
         (Release, None),
     )
@@ -230,6 +233,7 @@ def test_an_entry_of_the_other_mode_under_this_storage_key_is_not_served_as_it_i
         (Lookup, None),
         (Acquire, True),
         (Lookup, misplaced),
+        (Lookup, None),  # nor in the other mode
         (Forward, upstream(stream, status=500)),
         (Release, None),
     )
@@ -263,6 +267,7 @@ def test_a_damaged_stored_value_is_a_miss_and_is_overwritten(kind):
         (Lookup, None),
         (Acquire, True),
         (Lookup, damaged),
+        (Lookup, None),  # nor in the other mode
         *stored_after_miss(ANTHROPIC),
     )
     assert isinstance(result.outcome, Rebuilt) and result.outcome.record.status == MISS
@@ -284,6 +289,7 @@ def test_a_remembered_entry_is_recognised_only_by_its_exact_bytes():
         (Lookup, None),
         (Acquire, True),
         (Lookup, forged),
+        (Lookup, None),  # nor in the other mode
         (Forward, upstream(False, status=500)),
         (Release, None),
     )
@@ -354,6 +360,7 @@ def test_an_answer_the_format_cannot_convert_is_a_miss_and_the_answer_is_stored_
         (Lookup, stored(ANTHROPIC, False, chunks=[json.dumps(odd).encode()])),
         (Acquire, True),
         (Lookup, None),
+        (Lookup, None),  # nor in the other mode
         (Forward, upstream(True)),
     )
     tee = result.outcome
@@ -373,6 +380,7 @@ def test_a_store_failure_on_the_other_mode_is_a_miss():
         (Lookup, TimeoutError("store timed out")),
         (Acquire, True),
         (Lookup, None),
+        (Lookup, None),  # nor in the other mode
         *stored_after_miss(ANTHROPIC),
     )
     assert isinstance(result.outcome, Rebuilt)
@@ -423,6 +431,7 @@ def test_a_miss_takes_the_lock_looks_again_then_forwards_stores_and_releases():
         Lookup(OPENAI_CHAT.storage_key(True)),
         Acquire(lock, TOKEN, 31_000),  # the lock expires after single_flight_wait + 1 s
         Lookup(key),  # another caller may have stored it between the first look and the lock
+        Lookup(OPENAI_CHAT.storage_key(True)),  # in either mode
         Forward(STRIP),
         ReadBody(),
         Write(key, ANY, WEEK),
@@ -439,7 +448,7 @@ def test_a_miss_takes_the_lock_looks_again_then_forwards_stores_and_releases():
     ]
     assert (rebuilt.record.status, rebuilt.record.http_status) == (MISS, 200)
     assert (rebuilt.record.input_tokens, rebuilt.record.output_tokens) == OPENAI_CHAT.usage
-    entry = Entry.decode(result.steps[7].value)
+    entry = Entry.decode(result.steps[8].value)
     assert (entry.key, entry.model, entry.wire_format) == (OPENAI_CHAT.key, OPENAI_CHAT.model, "openai_chat")
     assert (entry.status, entry.stream, entry.chunks, entry.ttl, entry.stored_at) == (200, False, [body], WEEK, WALL)
     assert entry.headers == [("content-type", "application/json"), ("x-request-id", "req_1")]
@@ -486,7 +495,9 @@ def test_a_refused_lock_waits_until_the_deadline_and_serves_the_entry_that_appea
     assert isinstance(result.outcome, Answer) and result.outcome.record.status == HIT
 
 
-def test_a_waiter_whose_leader_gave_up_takes_the_lock_itself():
+def test_the_waiters_of_a_leader_that_gave_up_all_ask_the_provider_at_once():
+    """The lock is gone and nothing is stored (the leader failed): look once in both modes, then go,
+    without taking the lock, so no waiter waits for another's failure (issue 14, item 4)."""
     core = make_core()
     req = Req(ANTHROPIC)
     result = run(
@@ -496,12 +507,49 @@ def test_a_waiter_whose_leader_gave_up_takes_the_lock_itself():
         (Lookup, None),
         (Acquire, False),
         (WaitFor, None),  # the lock is gone, no entry: the leader failed
-        (Acquire, True),
         (Lookup, None),
-        *stored_after_miss(ANTHROPIC),
+        (Lookup, None),
+        (Forward, upstream(False)),
+        (ReadBody, ANTHROPIC.answer_bytes()),
+        (Write, True),
     )
     assert isinstance(result.outcome, Rebuilt)
-    assert result.steps[-1] == Release(lock_of(ANTHROPIC), TOKEN)
+    assert Release not in result.types()  # it never held the lock
+
+
+def test_a_waiter_of_the_other_mode_is_answered_by_converting_the_leaders_entry():
+    """A streamed and a non-streamed duplicate share one lock; the waiter converts the leader's answer (item 5)."""
+    core = make_core()
+    req = Req(ANTHROPIC)
+    result = run(
+        req.flow(core),
+        (ReadRequest, req.body),
+        (Lookup, None),
+        (Lookup, None),
+        (Acquire, False),
+        (WaitFor, None),  # the streamed leader stored its answer and gave the lock back
+        (Lookup, None),
+        (Lookup, stored(ANTHROPIC, True)),
+    )
+    assert result.steps[4] == WaitFor(ANTHROPIC.storage_key(False), lock_of(ANTHROPIC), MONOTONIC + 30.0)
+    assert result.steps[6] == Lookup(ANTHROPIC.storage_key(True))
+    assert isinstance(result.outcome, Answer) and result.outcome.record.status == HIT
+
+
+def test_a_lock_held_by_this_thread_or_task_is_never_waited_for():
+    """The driver answers HELD_HERE: ask the provider at once, without the lock and without waiting (item 3)."""
+    core = make_core()
+    req = Req(ANTHROPIC, True)
+    result = run(
+        req.flow(core),
+        (ReadRequest, req.body),
+        (Lookup, None),
+        (Lookup, None),
+        (Acquire, HELD_HERE),
+        (Forward, upstream(True)),
+    )
+    assert isinstance(result.outcome, Tee) and result.outcome.release is None
+    assert WaitFor not in result.types()
 
 
 def test_a_waiter_past_the_deadline_asks_the_provider_without_a_lock():

@@ -67,7 +67,7 @@ async def drive(session: CacheSession, flow: Generator[Step, Any, Outcome], upst
                 answer = await calls.write(*step)
             elif isinstance(step, Acquire):
                 answer = await calls.acquire(*step)
-                held = step if answer else None
+                held = step if answer is True else None
             elif isinstance(step, WaitFor):
                 answer = await calls.wait_for(*step)
             elif isinstance(step, Release):

@@ -68,7 +68,7 @@ def drive(session: CacheSession, flow: Generator[Step, Any, Outcome], upstream: 
                 answer = calls.write(*step)
             elif isinstance(step, Acquire):
                 answer = calls.acquire(*step)
-                held = step if answer else None
+                held = step if answer is True else None
             elif isinstance(step, WaitFor):
                 answer = calls.wait_for(*step)
             elif isinstance(step, Release):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 
-from ..store_guard import FIRST_POLL, LAST_POLL, StoreGuard
+from ...core.flow import HELD_HERE
+from ..store_guard import FIRST_POLL, HELD_LOCKS, LAST_POLL, StoreGuard
 
 
 class StoreCalls(StoreGuard):
@@ -37,36 +38,60 @@ class StoreCalls(StoreGuard):
 
     # Single-flight locks. A lock that cannot be taken because the store fails means "go ahead
     # without it" (True): coordination is an optimisation, never a reason to fail or to wait.
-    def acquire(self, key: str, token: str, ttl_ms: int) -> bool:
-        if self.breaker.state == "open":
+    # Each lock call asks the breaker like every other store call, so a store that hangs costs
+    # a request one timeout at most: after it, every later call of the request is skipped.
+    def acquire(self, key: str, token: str, ttl_ms: int) -> bool | str:
+        """True if taken (or the store cannot lock), False if held by another caller, HELD_HERE if by this one."""
+        if HELD_LOCKS.held_here(key):
+            return HELD_HERE
+        if not self.breaker.allow():
+            self.skipped("lock")
             return True
         try:
-            return self.store.acquire(key, token, ttl_ms)
+            taken = self.store.acquire(key, token, ttl_ms)
         except Exception as error:  # noqa: BLE001
             self.failed("lock", error)
             return True
+        self.breaker.succeeded()
+        if taken:
+            HELD_LOCKS.took(key, token, ttl_ms)
+        return taken
 
     def release(self, key: str, token: str) -> None:
+        HELD_LOCKS.gave_back(key, token)
+        if not self.breaker.allow():
+            self.skipped("unlock")  # the lock expires by itself
+            return
         try:
             self.store.release(key, token)
         except Exception as error:  # noqa: BLE001 - the lock expires by itself
             self.failed("unlock", error)
+            return
+        self.breaker.succeeded()
 
     def wait_for(self, storage_key: str, lock_key: str, deadline: float) -> bytes | None:
         """Poll for the entry another caller is producing: it, or None once its lock is gone or at the deadline.
 
-        ``deadline`` is on the core's monotonic clock.
+        ``deadline`` is on the core's monotonic clock. A failed or skipped store call ends the
+        wait at once (None): the caller goes to the provider.
         """
         delay = FIRST_POLL
         while True:
             value = self.read(storage_key)
+            if isinstance(value, BaseException):
+                return None
             if value is not None or self.monotonic() >= deadline:
-                return value if isinstance(value, bytes) else None
+                return value
+            if not self.breaker.allow():
+                self.skipped("lock")
+                return None
             try:
-                if not self.store.locked(lock_key):
-                    return None
+                locked = self.store.locked(lock_key)
             except Exception as error:  # noqa: BLE001
                 self.failed("lock", error)
+                return None
+            self.breaker.succeeded()
+            if not locked:
                 return None
             time.sleep(min(delay, max(0.0, deadline - self.monotonic())))
             delay = min(delay * 2, LAST_POLL)
