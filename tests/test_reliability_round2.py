@@ -20,6 +20,7 @@ from test_reliability_flight import SSE, SlowProvider, run_threads, sync_request
 
 from metrion_fixture import CacheSession, MetrionCacheError
 from metrion_fixture.core.key import _iterative_json, cache_key
+from metrion_fixture.core.scope import credential_tag
 from metrion_fixture.transports.httpx2 import AsyncCacheTransport, CacheTransport
 
 ANTHROPIC_ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "ok"}]}
@@ -244,3 +245,38 @@ def test_mixed_stream_and_json_duplicates_make_one_provider_call():
     assert provider.calls == 1
     assert sorted(tag for _, tag, _ in results) == ["HIT"] * 9 + ["MISS"]
     assert {text_of(content, n % 2 == 0) for n, (_, _, content) in enumerate(results)} == {"the answer"}
+
+
+# -- 9. an entry is served only under the storage key it was written for -----------------------------
+
+
+@pytest.mark.parametrize("moved_to", ["namespace", "format", "scope"])
+def test_an_entry_copied_under_another_storage_key_is_not_served(moved_to):
+    """The same prompt's answer, copied under another namespace's, format's or scope's storage key: a MISS."""
+    url = f"memory://{uuid.uuid4().hex}"
+    provider = Provider()
+    body = {"model": "m", "messages": [{"role": "user", "content": "moved"}]}
+    writer, written = client_for(provider, url=url, namespace="r2-origin")
+    with writer:
+        assert writer.post("/v1/messages", json=body).headers["x-metrion-cache"] == "MISS"
+    (source,) = written.store.keys("r2-origin:")
+    value = written.store.get(source)
+    assert value is not None
+    namespace, route, options, headers = "r2-origin", "/v1/messages", {}, {}
+    if moved_to == "namespace":
+        namespace = "r2-elsewhere"
+    elif moved_to == "format":
+        route = "/v1/chat/completions"
+    else:
+        options, headers = {"scope": "credential"}, {"x-api-key": "tenant-B"}
+    reader, session = client_for(provider, url=url, namespace=namespace, **options)
+    with reader:
+        target = source.replace("r2-origin", namespace)
+        if moved_to == "format":
+            target = target.replace("anthropic_messages", "openai_chat")
+        if moved_to == "scope":
+            target += f":cred-{credential_tag(headers)}"
+        session.store.set(target, value, 3600)
+        response = reader.post(route, json=body, headers=headers)
+    assert response.headers["x-metrion-cache"] == "MISS", "an entry written for another storage key was served"
+    assert len(provider.received) == 2

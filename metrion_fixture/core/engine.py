@@ -357,12 +357,14 @@ def lock_key(plan: Plan, namespace: str, storage_key: str) -> str:
     return storage_key + ":lock"
 
 
-def converted_reply(plan: Plan, entry: Entry, now: float) -> Reply | None:
+def converted_reply(plan: Plan, entry: Entry, now: float, namespace: str) -> Reply | None:
     """A stored answer of the other mode, converted to the mode the request asked for; None if it cannot be."""
     wire_format = plan.wire_format
     assert wire_format is not None
     if entry.key != plan.key or entry.stream == plan.stream or not 200 <= entry.status < 300:
         return None
+    if entry.wire_format != wire_format.name or entry.storage_key != other_variant_key(plan, namespace):
+        return None  # written for another format, namespace or scope (or by a version that did not say)
     try:
         if plan.stream:
             chunks = wire_format.stream_from_body(b"".join(entry.chunks), plan.shape)
@@ -474,6 +476,7 @@ class Recorder:
             provider_seconds=round(now_monotonic - self.started, 6),
             # Kept with the entry so a hit knows what it saved without parsing the answer.
             extra={"usage": usage.as_dict()} if usage is not None else {},
+            storage_key=self.plan.storage_key,
         ).encode()
 
 

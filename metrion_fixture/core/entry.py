@@ -96,6 +96,10 @@ class Entry:
     # How long the provider took to produce the whole answer: what a hit saves.
     provider_seconds: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+    # Where it was written: namespace, wire format, mode and scope in one string. A read checks
+    # it, so an entry copied or moved under another storage key is a miss (empty: written by a
+    # version that did not record it, a miss too).
+    storage_key: str = ""
 
     @property
     def size(self) -> int:
@@ -116,6 +120,7 @@ class Entry:
             "chunks": len(self.chunks),
             "size": self.size,
             "extra": self.extra,
+            "at": self.storage_key,
         }
         try:
             meta = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
@@ -191,6 +196,7 @@ class Entry:
             key=meta["key"],
             provider_seconds=meta.get("provider_seconds", 0.0),
             extra=meta.get("extra") or {},
+            storage_key=meta.get("at") or "",
         )
         return entry
 

@@ -293,7 +293,11 @@ class CacheCore:
                 # only on a miss of the first, so a hit of the requested mode stays one read.
                 other = yield Lookup(other_variant_key(plan, self.settings.namespace))
                 other_entry = None if isinstance(other, BaseException) else decode_hit(other, self.entries)
-                converted = None if other_entry is None else converted_reply(plan, other_entry, self.clock.wall())
+                converted = (
+                    None
+                    if other_entry is None
+                    else converted_reply(plan, other_entry, self.clock.wall(), self.settings.namespace)
+                )
                 if converted is not None and other_entry is not None:
                     return Answer(converted, self._call(plan, HIT, converted.status, started, hit=other_entry))
             if plan.read_only:
@@ -404,13 +408,26 @@ class CacheCore:
             return None
         other = yield Lookup(other_variant_key(plan, self.settings.namespace))
         other_entry = None if isinstance(other, BaseException) else decode_hit(other, self.entries)
-        converted = None if other_entry is None else converted_reply(plan, other_entry, self.clock.wall())
+        converted = (
+            None
+            if other_entry is None
+            else converted_reply(plan, other_entry, self.clock.wall(), self.settings.namespace)
+        )
         return None if converted is None or other_entry is None else Converted(converted, other_entry)
 
     def own_entry(self, plan: Plan, found: Any) -> Entry | None:
-        """The entry in a store's answer, if it is whole and is this request's (not another key's or mode's)."""
+        """The entry in a store's answer, if it is whole and is this request's.
+
+        Not another key's or mode's, and written for this very storage key: the same namespace,
+        wire format and scope (an entry copied or moved under another storage key is a miss).
+        """
         entry = decode_hit(found, self.entries) if isinstance(found, bytes) else None
-        return entry if entry is not None and entry.key == plan.key and entry.stream == plan.stream else None
+        if entry is None or entry.key != plan.key or entry.stream != plan.stream:
+            return None
+        assert plan.wire_format is not None
+        if entry.storage_key != plan.storage_key or entry.wire_format != plan.wire_format.name:
+            return None
+        return entry
 
     def hit(self, plan: Plan, entry: Entry, started: float) -> Answer:
         """The answer for an entry found in the store."""

@@ -366,6 +366,7 @@ def stored(
     headers: list[tuple[str, str]] | None = None,
     chunks: list[bytes] | None = None,
     with_usage: bool = True,
+    written_for: str | None = None,
 ) -> bytes:
     """A stored entry of ``case`` in one mode, written ``age`` seconds before the clock's wall time."""
     usage = {"input_tokens": case.usage[0], "output_tokens": case.usage[1]}
@@ -381,6 +382,7 @@ def stored(
         key=case.key if key is None else key,
         provider_seconds=provider_seconds,
         extra={"usage": usage} if with_usage else {},
+        storage_key=case.storage_key(stream) if written_for is None else written_for,
     ).encode()
 
 

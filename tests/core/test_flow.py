@@ -970,9 +970,65 @@ def test_what_a_miss_stores_the_next_identical_request_gets_back(case):
 def test_in_credential_scope_the_other_mode_is_looked_up_in_the_same_scope():
     core = make_core(scope="credential")
     req = Req(ANTHROPIC, True, headers={"x-api-key": "sk-ant-1"})
-    result = run(req.flow(core), (ReadRequest, req.body), (Lookup, None), (Lookup, stored(ANTHROPIC, False)))
+    written_there = lambda step: stored(ANTHROPIC, False, written_for=step.storage_key)  # noqa: E731
+    result = run(req.flow(core), (ReadRequest, req.body), (Lookup, None), (Lookup, written_there))
     own, other = result.steps[1].storage_key, result.steps[2].storage_key
     scope = own.removeprefix(ANTHROPIC.storage_key(True))
     assert scope.startswith(":cred-") and "sk-ant-1" not in scope
     assert other == ANTHROPIC.storage_key(False) + scope
     assert isinstance(result.outcome, Answer)
+
+
+# -- an entry is checked against what it was written for (issue 14, item 9) -----------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(
+    "written_for",
+    [
+        "other:anthropic_messages:{variant}:{key}",  # another namespace's entry, copied here
+        "metrion:anthropic_messages:{variant}:{key}:cred-0123456789abcdef0123456789abcdef",  # another scope's
+        "metrion:openai_chat:{variant}:{key}",  # another format's
+        "",  # written by a version that did not record it
+    ],
+    ids=["namespace", "scope", "format", "unrecorded"],
+)
+def test_an_entry_written_for_another_storage_key_is_a_miss(stream, written_for):
+    core = make_core()
+    req = Req(ANTHROPIC, stream)
+    variant = "stream" if stream else "json"
+    where = written_for.format(variant=variant, key=ANTHROPIC.key)
+    other_where = written_for.format(variant="json" if stream else "stream", key=ANTHROPIC.key)
+    result = run(
+        req.flow(core),
+        (ReadRequest, req.body),
+        (Lookup, stored(ANTHROPIC, stream, written_for=where)),
+        (Lookup, stored(ANTHROPIC, not stream, written_for=other_where)),  # nor converted from the other mode
+        (Acquire, True),
+        (Lookup, None),
+        (Lookup, None),
+        (Forward, upstream(stream, status=500)),
+        (Release, None),
+    )
+    assert isinstance(result.outcome, PassThrough) and result.outcome.record.status == MISS
+
+
+def test_an_entry_of_another_format_under_this_storage_key_is_a_miss():
+    """Written under this very storage key (tampered), but saying it is an OpenAI answer: not served."""
+    core = make_core()
+    req = Req(ANTHROPIC)
+    value = stored(ANTHROPIC, False)
+    entry = Entry.decode(value)
+    forged = Entry(**{**entry.__dict__, "wire_format": "openai_chat"}).encode()
+    result = run(
+        req.flow(core),
+        (ReadRequest, req.body),
+        (Lookup, forged),
+        (Lookup, None),
+        (Acquire, True),
+        (Lookup, forged),
+        (Lookup, None),
+        (Forward, upstream(False, status=500)),
+        (Release, None),
+    )
+    assert isinstance(result.outcome, PassThrough)
