@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import concurrency  # noqa: E402
 import hit_overhead  # noqa: E402
 import miss  # noqa: E402
+import proxy  # noqa: E402
 import scale  # noqa: E402
 import storage  # noqa: E402
 import streams  # noqa: E402
 from common import Context, Row  # noqa: E402
 
-MEASURES = ("hit_overhead", "scale", "streams", "miss", "concurrency", "storage")
+MEASURES = ("hit_overhead", "scale", "streams", "miss", "concurrency", "storage", "proxy")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -44,6 +45,7 @@ def run(ctx: Context, only: tuple[str, ...] = MEASURES) -> dict[str, Any]:
         "miss": lambda: miss.measure(ctx, urls),
         "concurrency": lambda: concurrency.measure(ctx, urls),
         "storage": lambda: storage.measure(ctx, urls),
+        "proxy": lambda: proxy.measure(ctx),
     }
     rows: list[Row] = []
     report: dict[str, Any] = {"meta": _meta(ctx), "measures": {}, "rows": []}
@@ -64,7 +66,7 @@ def _meta(ctx: Context) -> dict[str, Any]:
     import redis.utils
 
     packages = {}
-    for package in ("metrion-fixture", "anthropic", "httpx2", "redis", "hiredis", "vcrpy", "hishel"):
+    for package in ("metrion-fixture", "anthropic", "httpx2", "redis", "hiredis", "vcrpy", "hishel", "uvicorn"):
         try:
             packages[package] = version(package)
         except Exception:  # noqa: BLE001 - not installed

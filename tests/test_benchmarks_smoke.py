@@ -14,11 +14,11 @@ from pathlib import Path
 from conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
-MEASURES = {"hit_overhead", "scale", "streams", "miss", "concurrency", "storage"}
+MEASURES = {"hit_overhead", "scale", "streams", "miss", "concurrency", "storage", "proxy"}
 
 
 def test_benchmark_smoke_run_writes_every_measure(tmp_path, redis_url):
-    """`benchmarks/run.py --smoke` exits 0, prints the table and writes JSON with all six measures."""
+    """`benchmarks/run.py --smoke` exits 0, prints the table and writes JSON with all seven measures."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--redis", REDIS_URL, "--json", str(out)],
@@ -34,7 +34,7 @@ def test_benchmark_smoke_run_writes_every_measure(tmp_path, redis_url):
     assert set(report["measures"]) == MEASURES
     assert report["meta"]["smoke"] is True
     measured = {row["measure"] for row in report["rows"]}
-    assert measured >= {"hit overhead", "streams", "miss overhead", "concurrency", "storage"}
+    assert measured >= {"hit overhead", "streams", "miss overhead", "concurrency", "storage", "proxy"}
     for row in report["rows"]:
         assert row["value"] >= 0 and isinstance(row["case"], str)
         if row["baseline"]:
@@ -50,6 +50,9 @@ def test_benchmark_smoke_run_writes_every_measure(tmp_path, redis_url):
     assert "skipped" in redis_scale or all(size["dbsize"] == int(name) for name, size in redis_scale.items())
     cold = report["measures"]["concurrency"]["cold_stampede"]
     assert 1 <= cold["provider_calls"] <= cold["requests"]
+    proxied = report["measures"]["proxy"]
+    assert set(proxied["per_second"]["proxy hit"]) == {"1", "8", "64"}
+    assert proxied["latency"]["proxy hit"]["p50_ms"] > 0 and proxied["streamed_miss"]["proxy miss"]["n"] > 0
 
 
 def test_long_stream_entry_decodes_to_the_same_chunks_and_rejects_damage():

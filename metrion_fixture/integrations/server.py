@@ -2,11 +2,13 @@
 
 A client points its base URL at ``http://HOST:PORT/<provider>`` (``/anthropic``, ``/openai``,
 ``/gemini``, ``/mistral``, ``/xai``, or a name given with ``--upstream NAME=URL``) and opts in per
-request with ``x-metrion-cache: true | refresh``. The app is plain ASGI (served by uvicorn): it
-turns each request into an ``httpx2.Request`` for the provider and hands it to the httpx2
-adapter's :class:`~metrion_fixture.integrations.httpx2.AsyncCacheTransport`, so every decision is
-the core's and every step the async driver's, exactly as in-process; this module only translates
-between ASGI and httpx2 and adds what a shared proxy needs (routes, a token, 502s).
+request with ``x-metrion-cache: true | refresh``. The app is plain ASGI (served by uvicorn). Each
+request runs through the core's flow (``CacheCore.exchange``) with the same async driver as the
+httpx2 adapter, so every decision is the core's, exactly as in-process. The proxy is one more
+adapter: its upstream builds an ``httpx2.Request`` only when the provider is called (a hit needs
+none: building one costs about as much as the rest of a hit), and the provider's answers go
+through the httpx2 adapter's own translation (``LIBRARY.respond``, its tee stream). This module
+only translates between ASGI and httpx2 and adds what a shared proxy needs: routes, a token, 502s.
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import httpx2
 
 from ..core.directives import MODE_HEADER
+from ..core.engine import Reply
+from ..core.flow import Answer
 from ..core.options import mask_password
 from ..errors import MetrionCacheError
 from ..formats import wire_format_for
+from ..runtime._async.driver import drive as adrive
 from ..runtime.session import CacheSession
-from .httpx2 import LIBRARY, AsyncCacheTransport
+from .httpx2 import LIBRARY
 
 __all__ = [
     "DEFAULT_PORT",
@@ -133,13 +139,14 @@ class ProxyApp:
         self.session = session
         self.upstreams = dict(DEFAULT_UPSTREAMS if upstreams is None else upstreams)
         self._bases = {name.encode(): base.rstrip("/") for name, base in self.upstreams.items()}
+        self._base_paths = {name: unquote(urlsplit(base).path.rstrip("/")) for name, base in self._bases.items()}
         self.token = token.encode() if token else None
         inner = transport or httpx2.AsyncHTTPTransport(
             limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=100), retries=0
         )
-        # The transport, not an AsyncClient: a client would keep the providers' cookies in one jar
-        # for every user of the proxy, and follow redirects that the user's SDK should see.
-        self.transport = AsyncCacheTransport(inner, session=session)
+        # A transport, not an AsyncClient: a client would keep the providers' cookies in one jar for
+        # every user of the proxy, and follow redirects that the user's SDK should see.
+        self.inner = inner
         self.ledger_flush_seconds = ledger_flush_seconds
         self._flusher: asyncio.Task[None] | None = None
 
@@ -190,10 +197,13 @@ class ProxyApp:
 
         query: bytes = scope.get("query_string", b"")
         url = f"{base}/{rest.decode('latin-1')}" + (f"?{query.decode('latin-1')}" if query else "")
-        content = await _request_body(receive, headers)
-        request = httpx2.Request(method, url, headers=headers, content=content, extensions=_EXTENSIONS)
+        # The core reads the path decoded, as httpx gives it to the in-process adapter.
+        path = self._base_paths[name] + scope["path"][len(name) + 1 :]
         try:
-            response = await self.transport.handle_async_request(request)
+            upstream = _Upstream(self.inner, method, url, headers, await _request_body(receive, headers))
+            named = {key.decode("latin-1"): value.decode("latin-1") for key, value in headers}  # lower-case names
+            flow = self.session.core.exchange(method, path, named, query)
+            outcome = await adrive(self.session, flow, upstream)
         except _ClientGone:
             return
         except httpx2.TransportError as error:
@@ -203,8 +213,12 @@ class ProxyApp:
                 "check that it is up and that this machine can reach it"
             )
             log.warning("%s %s: %s", method, _masked(url), message)
-            return await _send_error(send, status, message, method, request.url.path, "api_error", retry=True)
+            return await _send_error(send, status, message, method, path, "api_error", retry=True)
+        if isinstance(outcome, Answer):  # a hit or the cache's own error: no httpx2 objects at all
+            return await _send_reply(send, outcome.reply)
 
+        # The provider's answer, as the httpx2 adapter would hand it to an SDK (its tee stream included).
+        response = LIBRARY.respond(outcome, upstream.response, upstream.request, self.session, LIBRARY.async_tee_stream)
         await send(
             {
                 "type": "http.response.start",
@@ -212,12 +226,8 @@ class ProxyApp:
                 "headers": [(key, value) for key, value in response.headers.raw if key.lower() not in _DROPPED_BYTES],
             }
         )
-        if response.is_stream_consumed:  # already in memory: a hit, a cache error, a rebuilt answer
+        if response.is_stream_consumed:  # read whole already: a rebuilt (stored) answer
             await send({"type": "http.response.body", "body": response.content})
-        elif isinstance(response.stream, LIBRARY.chunk_stream):  # a stored stream, replayed from memory
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
         else:
             await self._relay(response, receive, send)
 
@@ -268,7 +278,7 @@ class ProxyApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
             self._flusher = None
-        await self.transport.aclose()
+        await self.inner.aclose()
         with contextlib.suppress(Exception):
             # In a thread: a store that does not answer may take seconds, and flush() on an event
             # loop only hands the write to the ledger's thread, which exit may not wait for.
@@ -277,6 +287,63 @@ class ProxyApp:
 
 _EXTENSIONS = {"timeout": UPSTREAM_TIMEOUT}
 _DROPPED_BYTES = frozenset(name.encode() for name in _RESPONSE_DROPPED)
+
+
+class _Upstream:
+    """The provider side of one request, for the async driver; the httpx2 request is built only if it is sent."""
+
+    __slots__ = ("transport", "method", "url", "headers", "content", "request", "response")
+
+    def __init__(
+        self,
+        transport: httpx2.AsyncBaseTransport,
+        method: str,
+        url: str,
+        headers: list[tuple[bytes, bytes]],
+        content: bytes | AsyncIterator[bytes],
+    ) -> None:
+        self.transport, self.method, self.url, self.headers, self.content = transport, method, url, headers, content
+        self.request: httpx2.Request | None = None
+        self.response: httpx2.Response | None = None
+
+    async def read_request(self) -> bytes:
+        if not isinstance(self.content, bytes):
+            self.content = b"".join([part async for part in self.content])
+        return self.content
+
+    async def forward(self, strip: tuple[str, ...]) -> tuple[int, list[tuple[str, str]]]:
+        dropped = {name.encode() for name in strip}
+        headers = [(key, value) for key, value in self.headers if key not in dropped]
+        self.request = request = httpx2.Request(
+            self.method, self.url, headers=headers, content=self.content, extensions=_EXTENSIONS
+        )
+        self.response = response = await self.transport.handle_async_request(request)
+        return response.status_code, response.headers.multi_items()
+
+    async def read_body(self) -> bytes:
+        assert self.response is not None
+        return bytes(await self.response.aread())
+
+
+async def _send_reply(send: Send, reply: Reply) -> None:
+    headers = [(_encoded(name), _encoded(value)) for name, value in reply.headers]
+    if not reply.stream:
+        body = reply.chunks[0] if len(reply.chunks) == 1 else b"".join(reply.chunks)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    for chunk in reply.chunks:  # a stored stream, replayed with its chunk boundaries
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _encoded(text: str) -> bytes:
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode()
 
 
 async def _request_body(receive: Receive, headers: Iterable[tuple[bytes, bytes]]) -> bytes | AsyncIterator[bytes]:
