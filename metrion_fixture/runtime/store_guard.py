@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -94,5 +95,11 @@ class HeldLocks:
                 if not holders:
                     del self._held[key]
 
+    def forget_all(self) -> None:
+        self._lock = threading.Lock()
+        self._held = {}
+
 
 HELD_LOCKS = HeldLocks(time.monotonic)  # one per process: every session, sync and async
+# A forked child holds none of its parent's locks (its main thread may even have the parent's id).
+os.register_at_fork(after_in_child=HELD_LOCKS.forget_all)
