@@ -10,6 +10,7 @@ only if nobody has patched over it since.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -79,6 +80,7 @@ def install() -> None:
                 client_class._transport_for_url = patched
                 _patched.append((client_class, original, patched))
         _install_xai()
+        _install_aiohttp()
 
 
 def uninstall() -> None:
@@ -94,6 +96,7 @@ def uninstall() -> None:
             if client_class.__dict__.get("_transport_for_url") is patched:
                 client_class._transport_for_url = original  # type: ignore[attr-defined]
         _uninstall_xai()
+        _uninstall_aiohttp()
 
 
 def installed() -> bool:
@@ -121,11 +124,15 @@ def _patch_xai_module(module: Any, aio: bool) -> None:
     _xai_patched.append((client_class, original, patched))  # type: ignore[arg-type]
 
 
-class _XaiImportHook(importlib.abc.MetaPathFinder):
-    """Patches an xai_sdk client module right after it is imported, while the cache is installed."""
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches a module right after it is imported, while the cache is installed."""
+
+    def __init__(self, patches: dict[str, Callable[[Any], None]]) -> None:
+        self._patches = patches
 
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
-        if name not in _XAI_CLIENT_MODULES:
+        patch = self._patches.get(name)
+        if patch is None:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
@@ -136,13 +143,15 @@ class _XaiImportHook(importlib.abc.MetaPathFinder):
             exec_module(module)
             with _lock:
                 if _installs > 0:
-                    _patch_xai_module(module, _XAI_CLIENT_MODULES[name])
+                    patch(module)
 
         spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
         return spec
 
 
-_xai_hook = _XaiImportHook()
+_xai_hook = _PatchOnImport(
+    {name: functools.partial(_patch_xai_module, aio=aio) for name, aio in _XAI_CLIENT_MODULES.items()}
+)
 
 
 def _install_xai() -> None:
@@ -163,3 +172,45 @@ def _uninstall_xai() -> None:
         client_class, original, patched = _xai_patched.pop()
         if client_class.__dict__.get("_make_grpc_channel") is patched:
             client_class._make_grpc_channel = original  # type: ignore[attr-defined]
+
+
+# aiohttp (google-genai's async client uses it when it is installed): ``ClientSession._request``
+# puts the cache's middleware on each request made while a session is active
+# (metrion_fixture.integrations.aiohttp says why there). aiohttp is imported only if the user
+# imports it: an import made later is patched by the import hook, once the package is whole.
+_aiohttp_patched: list[tuple[type, Callable[..., Any], Callable[..., Any]]] = []
+
+
+def _patch_aiohttp(module: Any) -> None:
+    """Patch aiohttp's ``ClientSession`` (called with ``_lock`` held, while installed)."""
+    session_class = getattr(module, "ClientSession", None)
+    original = getattr(session_class, "_request", None)
+    if original is None or _aiohttp_patched:
+        return
+    from .aiohttp import wrap_request
+
+    patched = wrap_request(original)
+    if patched is None:
+        return  # this aiohttp cannot be cached: the adapter logged why
+    session_class._request = patched  # type: ignore[union-attr]
+    _aiohttp_patched.append((session_class, original, patched))  # type: ignore[arg-type]
+
+
+_aiohttp_hook = _PatchOnImport({"aiohttp": _patch_aiohttp})
+
+
+def _install_aiohttp() -> None:
+    module = sys.modules.get("aiohttp")
+    if module is not None:
+        _patch_aiohttp(module)
+    elif importlib.util.find_spec("aiohttp") is not None and _aiohttp_hook not in sys.meta_path:
+        sys.meta_path.insert(0, _aiohttp_hook)
+
+
+def _uninstall_aiohttp() -> None:
+    if _aiohttp_hook in sys.meta_path:
+        sys.meta_path.remove(_aiohttp_hook)
+    while _aiohttp_patched:
+        session_class, original, patched = _aiohttp_patched.pop()
+        if session_class.__dict__.get("_request") is patched:
+            session_class._request = original  # type: ignore[attr-defined]
