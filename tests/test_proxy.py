@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -352,9 +353,12 @@ def test_a_broken_store_never_fails_a_request(_provider_server, provider):
 def test_mode_true_caches_without_the_header_and_replay_never_calls_the_provider(
     _provider_server, provider, redis_url, namespace
 ):
-    cached = Proxy("--url", redis_url, "--namespace", namespace, "--mode", "true", *upstream_args(_provider_server))
-    replay = Proxy("--url", redis_url, "--namespace", namespace, "--mode", "replay", *upstream_args(_provider_server))
+    common = ("--url", redis_url, "--namespace", namespace, *upstream_args(_provider_server))
+    cached = Proxy(*common, "--mode", "true", wait=False)
+    replay = Proxy(*common, "--mode", "replay", wait=False)
     try:
+        cached.wait_ready()
+        replay.wait_ready()
         body = anthropic_body(unique())
         assert [post(cached, "/anthropic/v1/messages", body).headers["x-metrion-cache"] for _ in range(2)] == [
             "MISS",
@@ -367,6 +371,32 @@ def test_mode_true_caches_without_the_header_and_replay_never_calls_the_provider
     finally:
         cached.stop()
         replay.stop()
+        cleanup(namespace)
+
+
+def test_two_proxies_on_one_redis_share_answers_and_make_one_provider_call(
+    _provider_server, provider, redis_url, namespace
+):
+    """The team setup: stateless processes on one store. Concurrent identical misses make one call."""
+    args = ("--url", redis_url, "--namespace", namespace, "--mode", "true", *upstream_args(_provider_server))
+    servers = [Proxy(*args, wait=False) for _ in range(2)]  # started side by side
+    try:
+        for server in servers:
+            server.wait_ready()
+        _provider_server.latency = 0.3
+        body = anthropic_body(unique())
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda server: post(server, "/anthropic/v1/messages", body), servers))
+        assert sorted(answer.headers["x-metrion-cache"] for answer in answers) == ["HIT", "MISS"]
+        assert answers[0].json() == answers[1].json() and provider.call_count == 1
+
+        other = anthropic_body(unique())
+        assert post(servers[0], "/anthropic/v1/messages", other).headers["x-metrion-cache"] == "MISS"
+        assert post(servers[1], "/anthropic/v1/messages", other).headers["x-metrion-cache"] == "HIT"
+    finally:
+        _provider_server.latency = 0.0
+        for server in servers:
+            server.stop()
         cleanup(namespace)
 
 
