@@ -25,6 +25,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -449,11 +450,14 @@ class _Recorded:
         ``release()`` and ``close()`` are not coroutines, and a task started there may never
         run: ``asyncio.run`` cancels the pending tasks once the caller's coroutine returns, and
         google-genai releases a stream it stops reading without awaiting anything. So the end
-        is done here, with the session's blocking store calls, as the sync httpx adapter does:
-        one lock given back (and one write, for a stream whose terminator had arrived).
+        is done with the session's blocking store calls (one lock given back, and one write for
+        a stream whose terminator had arrived), on a thread of its own: a store that hangs
+        never stalls the caller's event loop.
         """
         if self._claim():
-            end_stream_now(self._session, self._tee, False)
+            threading.Thread(
+                target=end_stream_now, args=(self._session, self._tee, False), name="metrion-stream-end", daemon=True
+            ).start()
 
     def _claim(self) -> bool:
         over, self._over = self._over, True
