@@ -103,6 +103,7 @@ def test_any_directive_headers_are_obeyed_or_refused_with_the_400(mode, cache_co
         st.integers(min_value=-(10**30), max_value=10**30), st.text(st.characters(exclude_characters=","), max_size=12)
     )
 )
+@example(max_age="0\n0")  # a newline inside the value: the 400, not "no max-age"
 def test_any_max_age_value(max_age):
     """max-age=<anything>: a number of seconds is stored for at most 365 days (0: not stored); anything else is the 400."""
     provider = Provider()

@@ -27,7 +27,7 @@ SESSION_MODES = ("true", "refresh", "off", "replay")
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_MAX_AGE = re.compile(r"^max-age\s*=\s*(.*)$", re.IGNORECASE)
+_MAX_AGE = re.compile(r"^max-age\s*=\s*(.*)$", re.IGNORECASE | re.DOTALL)  # DOTALL: "0\n0" is no number
 
 
 class DirectiveError(Exception):
