@@ -214,6 +214,13 @@ class ProxyApp:
             )
             log.warning("%s %s: %s", method, _masked(url), message)
             return await _send_error(send, status, message, method, path, "api_error", retry=True)
+        except httpx2.InvalidURL as error:
+            message = f"metrion proxy: cannot forward to {_masked(url)!r}: {error}"
+            return await _send_error(send, 400, message, method, path, "invalid_request_error")
+        except Exception as error:  # a bug here must still answer in the provider's shape, and be logged
+            log.exception("%s %s failed", method, _masked(url))
+            message = f"metrion proxy: internal error ({type(error).__name__}: {error})"
+            return await _send_error(send, 500, message, method, path, "api_error", retry=True)
         if isinstance(outcome, Answer):  # a hit or the cache's own error: no httpx2 objects at all
             return await _send_reply(send, outcome.reply)
 
