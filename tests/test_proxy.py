@@ -550,6 +550,23 @@ def test_graceful_shutdown_finishes_streams_in_flight(_provider_server, provider
         cleanup(namespace)
 
 
+def test_a_proxy_killed_mid_stream_stores_nothing(_provider_server, provider, redis_url, namespace, slow_chunks):
+    server = Proxy("--url", redis_url, "--namespace", namespace, *upstream_args(_provider_server))
+    try:
+        body = anthropic_body(unique("Cut me"), stream=True)
+        response = post(server, "/anthropic/v1/messages", body, ON, stream=True)
+        chunks = response.iter_content(chunk_size=None)
+        next(chunks)
+        server.stop(signal.SIGKILL)
+        with pytest.raises(requests.RequestException):
+            b"".join(chunks)  # the stream is cut, never completed
+        key = response.headers["x-metrion-cache-key"]
+        assert not [name for name in entries_in(namespace) if key in name]
+    finally:
+        server.stop()
+        cleanup(namespace)
+
+
 # -- the README's Node example, with the real Node SDKs --------------------------------------------------------
 
 
