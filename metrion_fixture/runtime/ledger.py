@@ -2,18 +2,24 @@
 
 Records are buffered in memory and written in batches (one store value of JSON
 lines per batch, never pickle) under ``_ledger:{namespace}:{time}-{pid}-{random}``,
-each expiring after the retention (default 30 days). A batch is written when it
-is full, when a ``cache()`` block ends, on ``disable()`` and at interpreter exit,
-so the request path itself only appends to a list. The ledger is bounded: at most
+each expiring after the retention (default 30 days). The request path only appends
+to a list: a full batch is written by the ledger's own thread (one per process, a
+daemon), since a write can wait seconds on a store (SQLite's busy timeout, a Redis
+that does not answer) and a request, or an event loop, must not. Whatever is left
+is written by :meth:`StoredLedger.flush`: when a ``cache()`` block ends, on
+``disable()`` and at interpreter exit. The ledger is bounded: at most
 ``MAX_BATCHES`` batches of ``BATCH_SIZE`` records per namespace, oldest dropped first.
-A store that fails loses the batch (counted in ``dropped``), never a request.
+A write that fails keeps its records for a later one (at most ``MAX_PENDING`` per
+session; beyond that new records are counted in ``dropped``), and never fails a request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -30,9 +36,14 @@ DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600
 RETENTION_ENV = "METRION_CACHE_LEDGER_RETENTION"  # a duration ("30d", "12h", seconds), or 0 to keep no ledger
 BATCH_SIZE = 256
 MAX_BATCHES = 4096  # per namespace: about a million calls
+MAX_PENDING = 64 * BATCH_SIZE  # per session, while the store fails: a few MB at most
+WRITE_EVERY = 1.0  # seconds between the ledger thread's looks for batches to write or to retry
+RETRY_AT_MOST = 30.0  # seconds: the longest wait between two tries of a store that keeps failing
 _TRIM_EVERY = 64  # batches written by this process between two checks of the bound
+_YIELD_EVERY = 32  # records encoded between two chances for other threads to run
 
 _open: weakref.WeakSet[StoredLedger] = weakref.WeakSet()
+_open_lock = threading.Lock()  # the ledger thread lists _open while requests open sessions
 
 
 def retention_seconds(value: int | str | None = None) -> int:
@@ -53,19 +64,30 @@ class StoredLedger:
         self.store, self.namespace, self.retention = store, namespace, retention
         self._allow = allow  # the session's circuit breaker: a store known to be down is not waited on
         self.pending: list[CallRecord] = []
-        self.dropped = 0  # records lost to a failing store
-        self._lock = threading.Lock()
+        self.dropped = 0  # records never written: beyond MAX_PENDING while the store failed
+        self._lock = threading.Lock()  # guards pending
+        self._writing = threading.Lock()  # one writer at a time: the ledger thread or flush()
         self._written = 0
-        _open.add(self)
+        self._failures = 0  # writes failed in a row
+        self._retry_at = 0.0  # the ledger thread leaves a failing store alone until then
+        self._wanted = False  # everything pending should be written, not only full batches
+        # The key of a write that failed: it may have reached the store all the same (a Redis
+        # timeout after the SET), so the retry of the same records overwrites it, never adds to it.
+        self._unsure: tuple[CallRecord, str] | None = None
+        with _open_lock:
+            _open.add(self)
 
     def add(self, record: CallRecord) -> None:
         if not self.retention or not record.key:
             return  # no ledger, or a call that never became an LLM request (kept out of the totals)
         with self._lock:
+            if len(self.pending) >= MAX_PENDING:
+                self.dropped += 1
+                return
             self.pending.append(record)
-            full = len(self.pending) >= BATCH_SIZE
+            full = len(self.pending) % BATCH_SIZE == 0
         if full:
-            self.flush()
+            _thread.wake()
 
     def replace(self, old: CallRecord, new: CallRecord) -> None:
         with self._lock:
@@ -75,27 +97,154 @@ class StoredLedger:
                     return
 
     def flush(self) -> int:
-        """Write the pending records as one batch; return how many were written."""
-        with self._lock:
-            batch, self.pending = self.pending, []
-        if not batch:
+        """Write every pending record now, in batches; return how many were written.
+
+        On a thread that runs an event loop the write is handed to the ledger thread (it can
+        wait seconds on the store) and 0 is returned. Records a failed write kept are tried
+        again by the ledger thread.
+        """
+        if _on_event_loop():
+            self._wanted = True
+            _thread.wake()
             return 0
+        return self._write(everything=True)
+
+    def _write(self, everything: bool) -> int:
+        written = 0
+        with self._writing:
+            if everything:
+                self._wanted = False  # before the write: a flush asked for meanwhile is not lost
+            while True:
+                with self._lock:
+                    count = min(len(self.pending), BATCH_SIZE)
+                    # Only this method removes records, and only from the front (under _writing):
+                    # the first ``count`` stay the batch while it is written.
+                    batch = self.pending[:count]
+                if not batch or (count < BATCH_SIZE and not everything):
+                    break
+                if not self._write_batch(batch):
+                    self._failures += 1
+                    self._retry_at = time.monotonic() + min(RETRY_AT_MOST, WRITE_EVERY * 2 ** (self._failures - 1))
+                    self._wanted = self._wanted or everything
+                    _thread.wake()  # make sure there is a thread to try again
+                    return written
+                with self._lock:
+                    del self.pending[:count]
+                written += count
+            self._failures = 0
+        return written
+
+    def _write_batch(self, batch: list[CallRecord]) -> bool:
         if self._allow is not None and not self._allow():
-            self.dropped += len(batch)
-            return 0
-        # vars(), not dataclasses.asdict(): a record holds only flat values, and asdict's deep copy
-        # cost more per record than the rest of a hit.
-        value = "\n".join(json.dumps(vars(r), separators=(",", ":")) for r in batch).encode()
-        key = f"{PREFIX}{self.namespace}:{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            return False
+        value = _encode(batch)
+        if self._unsure is not None and self._unsure[0] is batch[0]:
+            key = self._unsure[1]
+        else:
+            key = f"{PREFIX}{self.namespace}:{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
             self.store.set(key, value, self.retention)
-            self._written += 1
-            if self._written % _TRIM_EVERY == 0:
-                trim(self.store, self.namespace)
         except Exception:  # noqa: BLE001 - the ledger must never fail a caller
-            self.dropped += len(batch)
-            return 0
-        return len(batch)
+            self._unsure = (batch[0], key)
+            return False
+        self._unsure = None
+        self._written += 1
+        if self._written % _TRIM_EVERY == 0:
+            try:
+                trim(self.store, self.namespace)
+            except Exception:  # noqa: BLE001, S110 - the batch is written; the next check trims
+                pass
+        return True
+
+    def _write_in_background(self) -> None:
+        if not self.pending or time.monotonic() < self._retry_at:
+            return
+        self._write(everything=self._wanted)
+
+    def _forget_parent(self) -> None:
+        """After fork(), in the child: the parent writes its own records; locks may have been held."""
+        self._lock, self._writing = threading.Lock(), threading.Lock()
+        self.pending = []
+        self._failures, self._retry_at, self._wanted, self._unsure = 0, 0.0, False, None
+
+
+def _encode(batch: list[CallRecord]) -> bytes:
+    lines = []
+    for number, record in enumerate(batch, 1):
+        # vars(), not dataclasses.asdict(): a record holds only flat values, and asdict's deep copy
+        # cost more per record than the rest of a hit.
+        lines.append(json.dumps(vars(record), separators=(",", ":")))
+        if number % _YIELD_EVERY == 0:
+            # Let other threads have the GIL: a whole batch takes milliseconds, which a request (or an
+            # event loop) would otherwise wait for.
+            time.sleep(0)
+    return "\n".join(lines).encode()
+
+
+class _LedgerThread:
+    """The process's one writer of ledger batches: started on first need, again in a forked child."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._started: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+
+    def wake(self) -> None:
+        if self._started is None:
+            with self._start_lock:
+                if self._started is None:
+                    # A daemon: a process that is done never waits for it; atexit flushes what is left.
+                    thread = threading.Thread(target=self._run, name="metrion-ledger", daemon=True)
+                    thread.start()
+                    self._started = thread
+        self._event.set()
+
+    def _run(self) -> None:
+        while True:
+            self._event.wait(WRITE_EVERY)
+            self._event.clear()
+            _write_all()  # a function of its own: no ledger stays referenced while this thread waits
+
+
+def _write_all() -> None:
+    with _open_lock:
+        ledgers = list(_open)
+    for ledger in ledgers:
+        try:
+            ledger._write_in_background()
+        except Exception:  # noqa: BLE001, S110 - nothing may stop the ledger thread; records stay pending
+            pass
+
+
+_thread = _LedgerThread()
+
+
+def _after_fork_in_child() -> None:
+    global _thread, _open_lock
+    # Only the forking thread exists in the child: the ledger thread and any lock it held are gone.
+    _thread, _open_lock = _LedgerThread(), threading.Lock()
+    for ledger in list(_open):
+        ledger._forget_parent()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _on_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        pass
+    sniffio = sys.modules.get("sniffio")  # trio, and anything else that tells sniffio it runs
+    if sniffio is not None:
+        try:
+            sniffio.current_async_library()
+            return True
+        except Exception:  # noqa: BLE001 - AsyncLibraryNotFoundError: a plain thread
+            pass
+    return False
 
 
 def trim(store: Store, namespace: str, keep: int = MAX_BATCHES) -> int:
@@ -108,7 +257,9 @@ def trim(store: Store, namespace: str, keep: int = MAX_BATCHES) -> int:
 
 
 def flush_all() -> None:
-    for ledger in list(_open):
+    with _open_lock:
+        ledgers = list(_open)
+    for ledger in ledgers:
         ledger.flush()
 
 

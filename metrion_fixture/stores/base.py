@@ -73,6 +73,9 @@ class Store(abc.ABC):
             held = _local_locks.get(id(self), {}).get(key)
             return held is not None and held[1] > time.monotonic()
 
+    # The async twins call the blocking methods on the loop's thread: right only for a store that
+    # never waits (memory://). A store that can (on a lock, on the network) overrides them, so that
+    # an event loop never stops for it.
     async def aacquire(self, key: str, token: str, ttl_ms: int) -> bool:
         return self.acquire(key, token, ttl_ms)
 

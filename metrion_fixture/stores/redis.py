@@ -118,8 +118,8 @@ class RedisStore(Store):
         self._near: TrackedNearCache | None = None
         if near_cache is not False:
             self._near = TrackedNearCache(self._new_tracking_connection)
-        # Tracking is set up only once Redis has answered a read, so a store that is down costs
-        # a read one failed attempt, not two (the tracking connection's and the GET's).
+        # Tracking is set up only once Redis has answered a read: a store that is down is not
+        # connected to twice for nothing.
         self._answered = False
         self._client: redis.Redis | None = None
         self._idle: list[redis.connection.AbstractConnection] = []  # for get(): see there
@@ -174,7 +174,11 @@ class RedisStore(Store):
     def get(self, key: str) -> bytes | None:
         near = self._near if self._answered else None
         if near is not None:
-            value, ticket = near.lookup(key)
+            try:
+                value, ticket = near.lookup(key)  # may wait for tracking to be set up (see there)
+            except BaseException:
+                self._answered = False
+                raise
             if value is not None:
                 return value
             if ticket is not None:
@@ -225,7 +229,13 @@ class RedisStore(Store):
         near = self._near if self._answered else None
         try:
             if near is not None:
-                value, ticket = near.lookup(key)  # memory and a non-blocking poll: nothing to await
+                value, ticket, setting_up = near.begin(key)  # memory and a non-blocking poll
+                if setting_up is not None:
+                    # This read started setting tracking up, on a thread: the loop runs on meanwhile,
+                    # and a Redis that took the connection but did not answer costs this read that
+                    # one timeout (no GET after it).
+                    await asyncio.wrap_future(setting_up)
+                    value, ticket, _ = near.begin(key)
                 if value is not None:
                     return value
                 if ticket is not None:

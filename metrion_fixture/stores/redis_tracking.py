@@ -16,7 +16,14 @@ What that guarantees:
 - if the tracking connection breaks, closes or stops answering a health check
   (a PING every second while reads go on, answered within three), everything kept is
   dropped and reads go to Redis (one GET each) until tracking is set up again;
-- a process that stops reading closes its tracking connection after a minute (a daemon thread
+- setting tracking up (connect, HELLO 3, CLIENT TRACKING) happens on a thread of its own,
+  at most once per ``RETRY_AFTER`` after a failure: an event loop never waits for it; the
+  read that started it waits for it (blocking, or awaited), and if Redis took the connection
+  but did not answer, fails with that timeout instead of paying a second one for the GET;
+  meanwhile other reads are GETs;
+- a prefix first read while tracking is up is asked for without waiting (CLIENT TRACKING sent,
+  its reply read by a later read's poll): until then reads under it are GETs;
+- a process that stops reading closes its tracking connection after a minute (that same thread
   watches), so Redis queues invalidations for an idle notebook kernel for a minute at most; the next read
   sets it up again.
 A server or client that cannot track (Redis < 6, RESP2 only, CLIENT denied by ACL)
@@ -25,10 +32,13 @@ just means every read is a GET.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import select
 import threading
 import time
+import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +67,19 @@ def tracked_prefix(key: str) -> str | None:
     return head + colon if colon else None
 
 
+class _Unsupported(Exception):
+    """This client library cannot receive invalidation pushes."""
+
+
+def _ignore(message: Any) -> object:
+    return _HANDLED
+
+
+# Every near cache of the process, for fork(): a lock held by another thread at that moment
+# would never be released in the child.
+_instances: weakref.WeakSet[TrackedNearCache] = weakref.WeakSet()
+
+
 class TrackedNearCache:
     def __init__(
         self,
@@ -71,14 +94,20 @@ class TrackedNearCache:
         # read, without the allocation and registration redis-py's can_read() makes each time.
         self._poller: Any = None
         self._buffered = False  # bytes may wait in the parser's buffer: drain whatever poll says
-        self._prefixes: set[str] = set()
+        self._prefixes: set[str] = set()  # tracked: Redis said OK
+        self._requested: set[str] = set()  # CLIENT TRACKING sent, its reply not read yet
+        # The replies still to read, in the order of the commands: a prefix's CLIENT TRACKING, or
+        # None for a PING; each with the time it was sent (the health check).
+        self._awaiting: deque[tuple[str | None, float]] = deque()
         self._epoch = 0  # moves on every invalidation and every write made here
         self._pid = os.getpid()
         self._retry_at = 0.0
-        self._ping_sent: float | None = None
+        self._setting_up: concurrent.futures.Future[None] | None = None
+        self._generation = 0  # moves on close() and fork(): a set-up started before then installs nothing
         self._pinged_at = self._used_at = 0.0
         self._stop_watching = threading.Event()
         self.unsupported = False  # the server or the client library cannot track: never try again
+        _instances.add(self)
 
     @property
     def tracking(self) -> bool:
@@ -87,15 +116,40 @@ class TrackedNearCache:
     def lookup(self, key: str) -> tuple[bytes | None, int | None]:
         """``(value, None)`` when ``key`` is kept here; ``(None, ticket)`` when it should be read
         from Redis and handed to :meth:`remember` with that ticket; ``(None, None)`` when no
-        near cache applies (read from Redis, nothing to remember)."""
+        near cache applies (read from Redis, nothing to remember).
+
+        For a blocking caller: when this call starts setting tracking up, it waits for that, and
+        raises its timeout if Redis took the connection but did not answer (a GET would time out too).
+        """
         prefix = tracked_prefix(key)
         if prefix is None:
             return None, None
+        with self._lock:  # begin(), without its cost on the hit path
+            if self._ready(prefix):
+                value = self._values.get(key, time.time())
+                return (value, None) if value is not None else (None, self._epoch)
+            setting_up = self._set_up_later(prefix) if self._conn is None else None
+        if setting_up is None:
+            return None, None
+        setting_up.result()
+        value, ticket, _ = self.begin(key)
+        return value, ticket
+
+    def begin(self, key: str) -> tuple[bytes | None, int | None, concurrent.futures.Future[None] | None]:
+        """:meth:`lookup` that never waits on Redis: for an event loop.
+
+        The third item is not None when this call started setting tracking up, on a thread:
+        wait for it (``await asyncio.wrap_future(...)``; it raises the timeout of a Redis that took
+        the connection but did not answer) and call again, or go ahead with a plain GET.
+        """
+        prefix = tracked_prefix(key)
+        if prefix is None:
+            return None, None, None
         with self._lock:
             if not self._ready(prefix):
-                return None, None
+                return None, None, self._set_up_later(prefix) if self._conn is None else None
             value = self._values.get(key, time.time())
-            return (value, None) if value is not None else (None, self._epoch)
+            return (value, None, None) if value is not None else (None, self._epoch, None)
 
     def remember(self, key: str, value: bytes | None, ttl_ms: int, ticket: int) -> None:
         """Keep ``value``, read from Redis with ``ttl_ms`` left (PTTL), unless anything changed meanwhile."""
@@ -126,12 +180,85 @@ class TrackedNearCache:
     def close(self) -> None:
         with self._lock:
             conn, self._conn, self._poller = self._conn, None, None
+            self._generation += 1
+            self._setting_up = None
             self._reset()
             if conn is not None and self._pid == os.getpid():
                 conn.disconnect()
 
+    # The set-up thread: connects, then watches the connection it made.
+
+    def _set_up(self, prefix: str, done: concurrent.futures.Future[None], generation: int) -> None:
+        conn: redis.connection.AbstractConnection | None = None
+        accepted = False
+        try:
+            conn = self._new_connection()
+            parser_has_pushes = hasattr(getattr(conn, "_parser", None), "set_invalidation_push_handler")
+            if not parser_has_pushes or str(getattr(conn, "protocol", "2")) != "3":
+                raise _Unsupported("this redis-py cannot receive RESP3 invalidation pushes")
+            handshake = conn.redis_connect_func
+
+            def accept(connection: Any) -> None:
+                nonlocal accepted
+                accepted = True
+                if handshake is not None:
+                    handshake(connection)
+                else:
+                    connection.on_connect()
+
+            conn.redis_connect_func = accept
+            conn.connect()  # HELLO 3: a server without RESP3 answers with an error (ResponseError)
+            # Nothing is kept until the connection is installed, so there is nothing to drop yet.
+            conn._parser.set_invalidation_push_handler(_ignore)
+            conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", prefix)
+            reply = conn.read_response()
+            if reply not in (b"OK", "OK"):
+                raise redis.ResponseError(f"CLIENT TRACKING answered {reply!r}")
+        except Exception as error:  # noqa: BLE001 - any failure only leaves the near cache off for a while
+            if conn is not None:
+                try:
+                    conn.disconnect()
+                except Exception:  # noqa: BLE001, S110 - already broken
+                    pass
+            with self._lock:
+                if self._setting_up is done:
+                    self._setting_up = None
+                if generation == self._generation:
+                    # Refused by the server or the library: it will not change its mind.
+                    self.unsupported = self.unsupported or isinstance(error, (redis.ResponseError, _Unsupported))
+                    self._retry_at = time.monotonic() + RETRY_AFTER
+            if accepted and isinstance(error, (redis.TimeoutError, TimeoutError)):
+                # Redis took the connection and then did not answer: a GET would only time out too.
+                # Anything else (a connection not taken in time, refused) says little about the
+                # pooled connections a GET uses: the read goes on.
+                done.set_exception(error)
+            else:
+                done.set_result(None)
+            return
+        with self._lock:
+            if self._setting_up is done:
+                self._setting_up = None
+            current = generation == self._generation
+            if current:
+                # Pushes that came with the reply may sit in the parser's buffer: _buffered drains them.
+                conn._parser.set_invalidation_push_handler(self._invalidated)
+                sock = getattr(conn, "_sock", None)
+                if hasattr(select, "poll") and sock is not None:
+                    self._poller = select.poll()
+                    self._poller.register(sock, select.POLLIN)
+                self._conn, self._buffered = conn, True
+                self._prefixes.add(prefix)
+                self._pinged_at = self._used_at = time.monotonic()
+                stop = self._stop_watching = threading.Event()
+        if not current:  # closed (or forked) meanwhile
+            conn.disconnect()
+            done.set_result(None)
+            return
+        done.set_result(None)
+        self._watch(conn, stop)
+
     def _watch(self, conn: redis.connection.AbstractConnection, stop: threading.Event) -> None:
-        # A daemon thread for each tracking connection: closes it once reads have stopped.
+        # Closes the tracking connection once reads have stopped.
         while not stop.wait(IDLE_CLOSE / 4):
             with self._lock:
                 if self._conn is not conn:
@@ -149,19 +276,19 @@ class TrackedNearCache:
 
     def _ready(self, prefix: str) -> bool:
         if self._pid != os.getpid():
-            # After fork(): the socket is the parent's; never read or close it here.
+            # After fork(): the socket is the parent's; never read or close it here. Nor is there
+            # a set-up thread any more.
             self._conn, self._poller, self._pid = None, None, os.getpid()
+            self._setting_up = None
+            self._generation += 1
             self._reset()
+        if self._conn is None:
+            return False
         try:
-            if self._conn is None:
-                if self.unsupported or time.monotonic() < self._retry_at:
-                    return False
-                self._connect()
-            if prefix not in self._prefixes:
-                self._track(prefix)
+            if prefix not in self._prefixes and prefix not in self._requested:
+                self._request(prefix)
             self._drain()
             self._check_health()
-            return True
         except redis.ResponseError:
             self.unsupported = True  # refused by the server: it will not change its mind
             self._lost()
@@ -169,65 +296,62 @@ class TrackedNearCache:
         except Exception:  # noqa: BLE001 - any failure here only turns the near cache off for a while
             self._lost()
             return False
+        return prefix in self._prefixes
 
-    def _connect(self) -> None:
-        conn = self._new_connection()
-        parser_has_pushes = hasattr(getattr(conn, "_parser", None), "set_invalidation_push_handler")
-        if not parser_has_pushes or str(getattr(conn, "protocol", "2")) != "3":
-            self.unsupported = True
-            raise ConnectionError("this redis-py cannot receive RESP3 invalidation pushes")
-        conn.connect()  # HELLO 3: a server without RESP3 answers with an error (ResponseError)
-        conn._parser.set_invalidation_push_handler(self._invalidated)
-        sock = getattr(conn, "_sock", None)
-        if hasattr(select, "poll") and sock is not None:
-            self._poller = select.poll()
-            self._poller.register(sock, select.POLLIN)
-        self._conn = conn
-        self._ping_sent, self._pinged_at = None, time.monotonic()
-        self._used_at = self._pinged_at
-        self._stop_watching.set()  # the previous connection's watcher, if it still runs
-        self._stop_watching = threading.Event()
-        watcher = threading.Thread(
-            target=self._watch, args=(conn, self._stop_watching), name="metrion-near-cache-idle", daemon=True
+    def _set_up_later(self, prefix: str) -> concurrent.futures.Future[None] | None:
+        if self.unsupported or self._setting_up is not None or time.monotonic() < self._retry_at:
+            return None
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        done.set_running_or_notify_cancel()  # a waiter that gives up cannot cancel it for the others
+        self._setting_up = done
+        thread = threading.Thread(
+            target=self._set_up, args=(prefix, done, self._generation), name="metrion-near-cache", daemon=True
         )
-        watcher.start()
+        thread.start()
+        return done
 
-    def _track(self, prefix: str) -> None:
+    def _request(self, prefix: str) -> None:
         assert self._conn is not None
         self._conn.send_command("CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", prefix)
-        reply = self._conn.read_response()
-        self._buffered = True  # pushes that came after the reply may sit in the parser's buffer
-        if reply not in (b"OK", "OK"):
-            raise redis.ResponseError(f"CLIENT TRACKING answered {reply!r}")
-        self._prefixes.add(prefix)
+        self._awaiting.append((prefix, time.monotonic()))
+        self._requested.add(prefix)
+        self._buffered = True  # in case the client library read anything while sending
 
     def _drain(self) -> None:
         conn = self._conn
         assert conn is not None
         # Only this class reads this connection, and its loop below leaves the parser's buffer
-        # empty; a reply read elsewhere (_track) may leave pushes there: _buffered says so.
+        # empty; a reply read elsewhere may leave pushes there: _buffered says so.
         if not self._buffered and self._poller is not None and not self._poller.poll(0):
             sock = getattr(conn, "_sock", None)
             if not (hasattr(sock, "pending") and sock.pending()):  # TLS: decrypted bytes poll cannot see
                 return  # nothing arrived (a closed or broken socket polls as ready)
         self._buffered = False
         while conn.can_read(timeout=0):
-            if conn.read_response(push_request=True) is not _HANDLED:
-                self._ping_sent = None  # the only command we send without reading its reply: PING
+            reply = conn.read_response(push_request=True)
+            if reply is _HANDLED or not isinstance(reply, (bytes, str)) or not self._awaiting:
+                continue  # an invalidation, or a push that is not ours
+            prefix, _ = self._awaiting.popleft()
+            if prefix is not None:
+                self._requested.discard(prefix)
+                if reply not in (b"OK", "OK"):
+                    raise redis.ResponseError(f"CLIENT TRACKING answered {reply!r}")
+                self._prefixes.add(prefix)
 
     def _check_health(self) -> None:
         now = self._used_at = time.monotonic()
-        if self._ping_sent is not None:
-            if now - self._ping_sent > PONG_WITHIN:
-                raise ConnectionError("the tracking connection did not answer a PING")
+        if self._awaiting:
+            if now - self._awaiting[0][1] > PONG_WITHIN:
+                raise ConnectionError("the tracking connection did not answer in time")
         elif now - self._pinged_at > PING_EVERY:
             assert self._conn is not None
             self._conn.send_command("PING")
-            self._ping_sent = self._pinged_at = now
+            self._awaiting.append((None, now))
+            self._pinged_at = now
             self._buffered = True  # in case the client library read anything while sending
 
     def _invalidated(self, message: Any) -> object:
-        # Called by the parser, inside _drain or _track, so with the lock held.
+        # Called by the parser, inside _drain, so with the lock held.
         self._epoch += 1
         keys = message[1] if len(message) > 1 else None
         if keys is None:  # FLUSHDB / FLUSHALL
@@ -250,6 +374,16 @@ class TrackedNearCache:
     def _reset(self) -> None:
         self._stop_watching.set()
         self._prefixes.clear()
+        self._requested.clear()
+        self._awaiting.clear()
         self._values.clear()
         self._epoch += 1
-        self._ping_sent = None
+
+
+def _after_fork_in_child() -> None:
+    for near in list(_instances):
+        near._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import os
 import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from metrion_fixture.stores.base import Store
 from metrion_fixture.stores.near import NearCache
@@ -16,6 +18,9 @@ from metrion_fixture.stores.near import NearCache
 _BUSY_TIMEOUT_MS = 5000
 _PURGE_EVERY = 1000
 _NEAR_CACHE_BYTES = 16 * 1024 * 1024  # per thread: each thread has its own connection and its own near cache
+# Threads for async callers' writes and locks (each with its own connection): SQLite has one writer
+# at a time anyway, and an event loop's default executor is left to the application.
+_WORKERS = 4
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires_at REAL NOT NULL)",
     "CREATE INDEX IF NOT EXISTS entries_expires_at ON entries (expires_at)",
@@ -54,6 +59,8 @@ class SQLiteStore(Store):
         self._sets = itertools.count(1)
         # Connections inherited over fork() must never be used or closed by the child.
         self._forked: list[sqlite3.Connection] = []
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor_pid = 0
 
     def _conn(self) -> sqlite3.Connection:
         if self._pid != os.getpid():
@@ -163,9 +170,53 @@ class SQLiteStore(Store):
             conn.execute("DELETE FROM entries WHERE expires_at <= ?", (now,))
             conn.execute("DELETE FROM locks WHERE expires_at <= ?", (now,))
 
+    # From async code, everything that can wait on the write lock (held by another connection, maybe
+    # another process, for up to the busy timeout) runs on a worker thread. Reads stay on the loop's
+    # thread, with its near cache: in WAL mode a reader never waits for a writer.
+    async def aget(self, key: str) -> bytes | None:
+        if not self._ready:
+            # The first connection of the process prepares the file, which writes (schema, purge).
+            await self._off_loop(self._conn)
+        return self.get(key)
+
     async def aset(self, key: str, value: bytes, ttl_seconds: int) -> None:
-        # Another process may hold the write lock for up to the busy timeout.
-        await asyncio.to_thread(self.set, key, value, ttl_seconds)
+        await self._off_loop(self.set, key, value, ttl_seconds)
+
+    async def aacquire(self, key: str, token: str, ttl_ms: int) -> bool:
+        job = self._submit(self.acquire, key, token, ttl_ms)
+        try:
+            taken: bool = await asyncio.shield(asyncio.wrap_future(job))
+        except asyncio.CancelledError:
+            # The caller will never know it holds the lock, so nobody would release it before it
+            # expires, and every identical request would wait for that: release it here.
+            job.add_done_callback(lambda done: self._release_if_taken(done, key, token))
+            raise
+        return taken
+
+    def _release_if_taken(self, done: concurrent.futures.Future[bool], key: str, token: str) -> None:
+        if not done.cancelled() and done.exception() is None and done.result():
+            self._submit(self.release, key, token)
+
+    async def arelease(self, key: str, token: str) -> None:
+        await self._off_loop(self.release, key, token)
+
+    async def alocked(self, key: str) -> bool:
+        if not self._ready:
+            await self._off_loop(self._conn)
+        return self.locked(key)
+
+    async def _off_loop(self, function: Any, *args: Any) -> Any:
+        # Shielded: a cancelled caller still lets a started write or release finish.
+        return await asyncio.shield(asyncio.wrap_future(self._submit(function, *args)))
+
+    def _submit(self, function: Any, *args: Any) -> concurrent.futures.Future[Any]:
+        if self._executor is None or self._executor_pid != os.getpid():
+            with self._lock:
+                # After fork() the parent's pool has no threads here, yet would think it has.
+                if self._executor is None or self._executor_pid != os.getpid():
+                    self._executor = concurrent.futures.ThreadPoolExecutor(_WORKERS, "metrion-sqlite")
+                    self._executor_pid = os.getpid()
+        return self._executor.submit(function, *args)
 
     def acquire(self, key: str, token: str, ttl_ms: int) -> bool:
         conn, now = self._conn(), time.time()
@@ -184,9 +235,6 @@ class SQLiteStore(Store):
     def locked(self, key: str) -> bool:
         row = self._conn().execute("SELECT 1 FROM locks WHERE key = ? AND expires_at > ?", (key, time.time()))
         return row.fetchone() is not None
-
-    async def aacquire(self, key: str, token: str, ttl_ms: int) -> bool:
-        return await asyncio.to_thread(self.acquire, key, token, ttl_ms)
 
     def ttl(self, key: str) -> float | None:
         now = time.time()
