@@ -11,11 +11,11 @@ from provider_sdk_calls import call as provider_call
 from sdk_calls import call
 
 import metrion_fixture
-from metrion_fixture.runtime import ledger
-from metrion_fixture.reporting import prices
 from metrion_fixture.cli import main
 from metrion_fixture.core.stats import CallRecord
 from metrion_fixture.demo.faq_bot import DEMO_NAMESPACE, run_demo
+from metrion_fixture.reporting import prices
+from metrion_fixture.runtime import ledger
 from metrion_fixture.runtime.ledger import PREFIX, StoredLedger, read_records, retention_seconds, trim
 from metrion_fixture.stores import open_store
 
@@ -117,12 +117,12 @@ def test_the_ledger_expires_after_its_retention_and_can_be_turned_off(url, monke
     assert retention_seconds() == 30 * 86400
     monkeypatch.setenv(ledger.RETENTION_ENV, "2d")
     session = metrion_fixture.CacheSession(url, namespace="ret")
-    session.ledger.record(record())
+    session.publish(record())
     session.flush_ledger()
     (key,) = store.keys(f"{PREFIX}ret:")
     assert 86400 < store.ttl(key) <= 2 * 86400
     off = metrion_fixture.CacheSession(url, namespace="off", ledger_retention=0)
-    off.ledger.record(record())
+    off.publish(record())
     assert off.flush_ledger() == 0 and store.keys(f"{PREFIX}off:") == []
     with pytest.raises(metrion_fixture.MetrionCacheError):
         metrion_fixture.CacheSession(url, ledger_retention="soon")
