@@ -202,7 +202,7 @@ class RedisStore(Store):
         try:
             conn = idle.pop()
         except IndexError:
-            conn = pool.make_connection()
+            conn = pool.make_connection()  # type: ignore[assignment]
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             replies = [conn.read_response() for _ in commands]
@@ -240,10 +240,10 @@ class RedisStore(Store):
                     return value
                 if ticket is not None:
                     async with (await self._async()).pipeline(transaction=False) as pipe:
-                        value, ttl_ms = await pipe.get(key).pttl(key).execute()
+                        value, ttl_ms = await pipe.get(key).pttl(key).execute()  # type: ignore[attr-defined]
                     near.remember(key, value, ttl_ms, ticket)
                     return value
-            value = await (await self._async()).get(key)
+            value = await (await self._async()).get(key)  # type: ignore[assignment]
         except BaseException:
             self._answered = False
             raise
@@ -378,11 +378,11 @@ class RedisClusterStore(RedisStore):
         )
 
     def get(self, key: str) -> bytes | None:
-        value: bytes | None = self._sync().get(key)  # the cluster client routes each key to its node
+        value: bytes | None = self._sync().get(key)  # type: ignore[assignment]  # the cluster client routes each key to its node
         return value
 
     def _scan(self, prefix: str) -> Iterator[bytes]:
         pattern = _GLOB_SPECIAL.sub(r"\\\1", prefix) + "*"
         client = self._sync()
-        for node in client.get_primaries():
+        for node in client.get_primaries():  # type: ignore[attr-defined]
             yield from client.scan_iter(match=pattern, count=1000, target_nodes=node)

@@ -202,11 +202,11 @@ class TrackedNearCache:
                 nonlocal accepted
                 accepted = True
                 if handshake is not None:
-                    handshake(connection)
+                    handshake(connection)  # type: ignore[call-arg]
                 else:
                     connection.on_connect()
 
-            conn.redis_connect_func = accept
+            conn.redis_connect_func = accept  # type: ignore[assignment]
             conn.connect()  # HELLO 3: a server without RESP3 answers with an error (ResponseError)
             # Nothing is kept until the connection is installed, so there is nothing to drop yet.
             conn._parser.set_invalidation_push_handler(_ignore)
@@ -324,7 +324,7 @@ class TrackedNearCache:
         # empty; a reply read elsewhere may leave pushes there: _buffered says so.
         if not self._buffered and self._poller is not None and not self._poller.poll(0):
             sock = getattr(conn, "_sock", None)
-            if not (hasattr(sock, "pending") and sock.pending()):  # TLS: decrypted bytes poll cannot see
+            if not (hasattr(sock, "pending") and sock.pending()):  # type: ignore[union-attr]  # TLS: decrypted bytes poll cannot see
                 return  # nothing arrived (a closed or broken socket polls as ready)
         self._buffered = False
         while conn.can_read(timeout=0):
