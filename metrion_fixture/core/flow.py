@@ -205,7 +205,7 @@ Outcome = Answer | PassThrough | Rebuilt | Tee
 
 
 class Converted(NamedTuple):
-    """An answer found in the other mode while taking a turn, converted to the requested one."""
+    """An answer found stored in the other mode, converted to the requested one."""
 
     reply: Reply
     entry: Entry
@@ -288,18 +288,14 @@ class CacheCore:
             entry = self.own_entry(plan, found)
             if entry is not None:
                 return self._hit(plan, entry, started)
-            if not store_down and wire_format.converts_modes:
+            if not store_down:
                 # One key, two shapes: the answer stored in the other mode, converted. A second read
                 # only on a miss of the first, so a hit of the requested mode stays one read.
-                other = yield Lookup(other_variant_key(plan, self.settings.namespace))
-                other_entry = None if isinstance(other, BaseException) else decode_hit(other, self.entries)
-                converted = (
-                    None
-                    if other_entry is None
-                    else converted_reply(plan, other_entry, self.clock.wall(), self.settings.namespace)
-                )
-                if converted is not None and other_entry is not None:
-                    return Answer(converted, self._call(plan, HIT, converted.status, started, hit=other_entry))
+                converted = yield from self._other_mode(plan)
+                if converted is not None:
+                    return Answer(
+                        converted.reply, self._call(plan, HIT, converted.reply.status, started, hit=converted.entry)
+                    )
             if plan.read_only:
                 return self._refuse(plan, replay_miss_reply(plan), started)
             if self.may_wait(plan, found):
@@ -403,17 +399,19 @@ class CacheCore:
         entry = self.own_entry(plan, (yield Lookup(plan.storage_key)))
         if entry is not None:
             return entry
+        return (yield from self._other_mode(plan))
+
+    def _other_mode(self, plan: Plan) -> Generator[Step, Any, Converted | None]:
+        """The answer stored in the other mode, converted to the requested one, or None (absent or not convertible)."""
         assert plan.wire_format is not None
         if not plan.wire_format.converts_modes:
             return None
         other = yield Lookup(other_variant_key(plan, self.settings.namespace))
-        other_entry = None if isinstance(other, BaseException) else decode_hit(other, self.entries)
-        converted = (
-            None
-            if other_entry is None
-            else converted_reply(plan, other_entry, self.clock.wall(), self.settings.namespace)
-        )
-        return None if converted is None or other_entry is None else Converted(converted, other_entry)
+        entry = None if isinstance(other, BaseException) else decode_hit(other, self.entries)
+        if entry is None:
+            return None
+        converted = converted_reply(plan, entry, self.clock.wall(), self.settings.namespace)
+        return None if converted is None else Converted(converted, entry)
 
     def own_entry(self, plan: Plan, found: Any) -> Entry | None:
         """The entry in a store's answer, if it is whole and is this request's.
