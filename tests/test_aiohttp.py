@@ -333,21 +333,21 @@ def test_the_request_header_chooses_the_mode_and_is_never_sent(provider, memory_
 
 
 def test_a_replay_miss_is_the_providers_error_shape(provider, namespace):
-    """In replay mode a request that is not cached gets the 504 in the provider's error shape, and no call is made."""
+    """In replay mode a request that is not cached gets the 400 in the provider's error shape, and no call is made."""
     with metrion_fixture.cache(f"memory://{uuid.uuid4().hex}", namespace=namespace, mode="replay") as session:
         for sdk in ("anthropic", "gemini"):
             ((response, body),) = post(url_for(provider, sdk), body_for(sdk))
-            assert response.status == 504 and not response.ok
+            assert response.status == 400 and not response.ok
             assert response.headers["x-should-retry"] == "false"
             assert response.headers["x-metrion-cache"] == "ERROR"
             error = json.loads(body)
             if sdk == "anthropic":
                 assert error["type"] == "error" and error["error"]["message"].startswith("metrion cache:")
             else:
-                assert error["error"]["code"] == 504 and error["error"]["message"].startswith("metrion cache:")
+                assert error["error"]["code"] == 400 and error["error"]["message"].startswith("metrion cache:")
             with pytest.raises(aiohttp.ClientResponseError) as raised:
                 response.raise_for_status()
-            assert raised.value.status == 504
+            assert raised.value.status == 400
     assert provider.call_count == 0 and session.stats.errors == 2
 
 

@@ -188,7 +188,7 @@ def test_an_answer_that_cannot_be_converted_is_a_miss_and_the_second_shape_is_st
 
 
 def test_replay_mode_serves_the_other_mode_from_the_stored_answer(provider, memory_session):
-    """In replay mode a stored JSON answer answers a streamed request instead of a 504."""
+    """In replay mode a stored JSON answer answers a streamed request instead of the replay miss."""
     sdk_calls.call("openai", provider.url)
     with metrion_fixture.cache(
         memory_session.url, namespace=memory_session.settings.namespace, mode="replay"

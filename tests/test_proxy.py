@@ -366,7 +366,7 @@ def test_mode_true_caches_without_the_header_and_replay_never_calls_the_provider
         ]
         assert post(replay, "/anthropic/v1/messages", body).headers["x-metrion-cache"] == "HIT"
         missing = post(replay, "/anthropic/v1/messages", anthropic_body(unique()), {"x-metrion-cache": "refresh"})
-        assert missing.status_code == 504 and "replay mode" in missing.json()["error"]["message"]
+        assert missing.status_code == 400 and "replay mode" in missing.json()["error"]["message"]
         assert provider.call_count == 1
     finally:
         cached.stop()

@@ -186,8 +186,8 @@ def test_a_failed_probe_opens_the_breaker_for_another_period():
     assert "still down" in str(breaker.skipped_error())
 
 
-def test_replay_with_a_skipped_store_is_still_the_clear_504(provider, namespace):
-    """In replay mode a read the breaker skips is the 504 naming the store failure; the provider is never called."""
+def test_replay_with_a_skipped_store_is_still_the_clear_400(provider, namespace):
+    """In replay mode a read the breaker skips is the 400 naming the store failure; the provider is never called."""
     with metrion_fixture.cache(DEAD_REDIS, namespace=namespace, mode="replay", store_cooldown=30) as session:
         errors = []
         for _ in range(3):
@@ -195,7 +195,7 @@ def test_replay_with_a_skipped_store_is_still_the_clear_504(provider, namespace)
                 call("anthropic", provider.url)
             errors.append(raised.value)
 
-    assert [e.status_code for e in errors] == [504, 504, 504]
+    assert [e.status_code for e in errors] == [400, 400, 400]
     assert all("store could not be read" in str(e) and "replay" in str(e) for e in errors)
     assert "ConnectionError" in str(errors[0])
     assert StoreSkipped.__name__ in str(errors[1]) and "ConnectionError" in str(errors[1])

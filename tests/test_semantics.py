@@ -484,8 +484,11 @@ def test_replay_serves_hits_without_the_provider(provider, recorded, sdk, use_as
 @pytest.mark.parametrize("header", [None, "true", "refresh", "TRUE"])
 @pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("sdk", SDKS)
-def test_replay_miss_is_a_504_naming_model_and_key(provider, recorded, sdk, use_async, header):
-    """mode='replay': a miss is a 504 in the provider's shape naming model and key; never the provider, no retry."""
+def test_replay_miss_is_a_400_naming_model_and_key(provider, recorded, sdk, use_async, header):
+    """mode='replay': a miss is a 400 in the provider's shape naming model and key; never the provider, no retry.
+
+    A 400 is the caller's bad request to every SDK: not a timeout or an outage (which a 504 looked like).
+    """
     url, namespace = recorded
     messages = unique_question()
     extra_headers = {"x-metrion-cache": header} if header else None
@@ -502,8 +505,8 @@ def test_replay_miss_is_a_504_naming_model_and_key(provider, recorded, sdk, use_
     key = cache_key(MODEL[sdk], messages)
     body = error_of(sdk, excinfo)
     message = error_message(sdk, body)
-    assert excinfo.value.status_code == 504
-    assert isinstance(excinfo.value, sdk_module(sdk).InternalServerError)
+    assert excinfo.value.status_code == 400
+    assert isinstance(excinfo.value, sdk_module(sdk).BadRequestError)
     assert_provider_error_shape(sdk, body)
     assert message.startswith("metrion cache:")
     assert repr(MODEL[sdk]) in message and key in message and "replay" in message
@@ -511,7 +514,7 @@ def test_replay_miss_is_a_504_naming_model_and_key(provider, recorded, sdk, use_
     assert headers["x-should-retry"] == "false" and headers["x-metrion-cache"] == "ERROR"
     assert headers["x-metrion-cache-key"] == key
     assert provider.call_count == 0
-    assert [r.status for r in active.calls] == ["ERROR"] and active.calls[0].http_status == 504
+    assert [r.status for r in active.calls] == ["ERROR"] and active.calls[0].http_status == 400
     assert active.stats.stored == 0 and len(active.store.keys(namespace + ":")) == 4
 
 

@@ -415,8 +415,8 @@ def test_store_down_degrades_to_no_cache(provider, namespace, caplog, sdk, use_a
 
 @sync_async
 @pytest.mark.parametrize("sdk", SDKS)
-def test_store_down_in_replay_mode_is_a_504_naming_the_store(provider, namespace, sdk, use_async):
-    """In replay mode a store that cannot be read is an HTTP 504 saying so; the provider is not called."""
+def test_store_down_in_replay_mode_is_a_400_naming_the_store(provider, namespace, sdk, use_async):
+    """In replay mode a store that cannot be read is an HTTP 400 saying so; the provider is not called."""
     error_type = anthropic.APIStatusError if sdk == "anthropic" else openai.APIStatusError
     with (
         metrion_fixture.cache(DEAD_REDIS, namespace=namespace, mode="replay") as session,
@@ -425,7 +425,7 @@ def test_store_down_in_replay_mode_is_a_504_naming_the_store(provider, namespace
         call(sdk, provider.url, use_async=use_async)
 
     error = raised.value
-    assert error.status_code == 504
+    assert error.status_code == 400
     assert error.response.headers["x-metrion-cache"] == "ERROR"
     assert error.response.headers["x-should-retry"] == "false"
     message = str(error)

@@ -2,7 +2,7 @@
 
 Closed, every store call goes through. After a failure the breaker opens: for
 ``cooldown`` seconds store calls are skipped at once (the request goes on
-without the cache, or gets the replay 504). When the cool-down is over, the next
+without the cache, or gets the replay refusal). When the cool-down is over, the next
 call probes the store (half-open) while others keep skipping for another period;
 a success closes the breaker, a failure opens it again. No I/O here: the clock
 is injected so tests can move time without sleeping.

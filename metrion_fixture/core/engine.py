@@ -35,7 +35,16 @@ from .records import BYPASS, ERROR, HIT, MISS, REFRESH, Status
 from .scope import credential_tag
 
 # Re-exported: the statuses and defaults used to live here.
-__all__ = ["BYPASS", "DEFAULT_MAX_ENTRY_BYTES", "DEFAULT_NAMESPACE", "ERROR", "HIT", "MISS", "REFRESH"]
+__all__ = [
+    "BYPASS",
+    "DEFAULT_MAX_ENTRY_BYTES",
+    "DEFAULT_NAMESPACE",
+    "ERROR",
+    "HIT",
+    "MISS",
+    "REFRESH",
+    "REPLAY_REFUSAL_STATUS",
+]
 
 
 # Never replayed: they describe one connection or one client, not the answer.
@@ -295,10 +304,19 @@ def error_reply(plan: Plan, status: int, message: str, kind: ReplyKind) -> Reply
     return Reply(status, headers, [body], stream=False, kind=kind, message=message)
 
 
+# The status of every answer replay mode gives instead of calling the provider (a miss, an unreadable
+# store). Not a 5xx, 408 or 429: client libraries report those as timeouts or outages and retry them
+# (litellm maps 504 and 408 to Timeout, dspy to LMTimeoutError, llama-index and dspy retry every 5xx),
+# while every one of them reports a 400 as the caller's bad request and never retries it (see the
+# README, "What the cache promises"). 404 would say "model not found" in litellm, dspy, langchain
+# and pydantic-ai; 409 is retried by the OpenAI and Anthropic SDKs unless x-should-retry says no.
+REPLAY_REFUSAL_STATUS = 400
+
+
 def replay_miss_reply(plan: Plan) -> Reply:
     return error_reply(
         plan,
-        504,
+        REPLAY_REFUSAL_STATUS,
         f"metrion cache: no cached answer for model {plan.model!r} (key {plan.key}) and the cache is in "
         "replay mode, so the provider was not called; run once with mode 'true' (or 'refresh') and a "
         "provider key to record it",
@@ -309,7 +327,7 @@ def replay_miss_reply(plan: Plan) -> Reply:
 def store_down_reply(plan: Plan, error: BaseException) -> Reply:
     return error_reply(
         plan,
-        504,
+        REPLAY_REFUSAL_STATUS,
         f"metrion cache: the cache store could not be read ({type(error).__name__}: {error}) and the "
         f"cache is in replay mode, so the provider was not called for model {plan.model!r} "
         f"(key {plan.key}); check the store URL and that the store is running",

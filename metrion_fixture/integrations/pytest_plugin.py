@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ..core.engine import REPLAY_REFUSAL_STATUS
 from ..core.options import (
     MODE_ENV,  # noqa: F401 - importable from here, as before
     OPTIONS,
@@ -223,8 +224,8 @@ def _empty_totals() -> dict[str, Any]:
 
 
 def _replay_misses(session: CacheSession) -> list[Any]:
-    # The cache's own 504s: replay found no entry, or could not read the store.
-    return [call for call in session.calls if call.status == "ERROR" and call.http_status == 504]
+    # The cache's own refusals: replay found no entry, or could not read the store.
+    return [call for call in session.calls if call.status == "ERROR" and call.http_status == REPLAY_REFUSAL_STATUS]
 
 
 _STATE = pytest.StashKey[_State]()
