@@ -173,10 +173,11 @@ def purge_command(args: argparse.Namespace) -> int:
             if reply.strip().lower() not in ("y", "yes"):
                 print("metrion-cache: nothing deleted (confirm, or pass --yes)", file=sys.stderr)
                 return 1
-    for stored in found:
-        store.delete_prefix(stored.storage_key)
-    size = sum(stored.entry.size for stored in found)
-    print(f"metrion cache: removed {len(found)} stored answers ({what}), {size:,} bytes, from {store.url}")
+    # Exact deletes: a shared entry's storage key is a prefix of the same prompt's per-credential keys.
+    # Counted by what the store removed: an entry may expire or go elsewhere between listing and delete.
+    removed = [stored for stored in found if store.delete(stored.storage_key)]
+    size = sum(stored.entry.size for stored in removed)
+    print(f"metrion cache: removed {len(removed)} stored answers ({what}), {size:,} bytes, from {store.url}")
     return 0
 
 

@@ -491,7 +491,6 @@ def test_the_near_cache_is_not_stale_after_swapdb(redis_chaos):
 # -- purge (issue 14, item 11) ---------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=STORE_OWNER + "11 (an exact delete in stores/base.py)")
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 def test_purge_older_than_keeps_newer_entries_sharing_a_prefix(kind, tmp_path, capsys):
     """An old shared entry's storage key is a prefix of the same prompt's newer per-credential entry: only the old goes."""

@@ -114,6 +114,18 @@ def test_delete_prefix_and_keys_match_literally(store: Store, p: str) -> None:
     assert store.delete_prefix(f"{p}nothing") == 0
 
 
+def test_delete_removes_exactly_one_key(store: Store, p: str) -> None:
+    """Issue 14, item 11: a key that is a prefix of others (a shared entry and its per-credential
+    twins) is deleted alone; the answer says whether a live value went."""
+    store.set(f"{p}k", b"shared", 60)
+    store.set(f"{p}k:cred-1", b"scoped", 60)
+    assert store.get(f"{p}k") == b"shared"  # remembered by a near cache, which must forget it too
+    assert store.delete(f"{p}k") is True
+    assert store.get(f"{p}k") is None and store.get(f"{p}k:cred-1") == b"scoped"
+    assert store.delete(f"{p}k") is False
+    assert store.keys(p) == [f"{p}k:cred-1"]
+
+
 async def test_async_roundtrip(store: Store, p: str) -> None:
     await asyncio.gather(*(store.aset(f"{p}{i}", bytes([i]) * 3, 60) for i in range(20)))
     got = await asyncio.gather(*(store.aget(f"{p}{i}") for i in range(20)))

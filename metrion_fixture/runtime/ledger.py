@@ -252,7 +252,7 @@ def trim(store: Store, namespace: str, keep: int = MAX_BATCHES) -> int:
     keys = sorted(store.keys(f"{PREFIX}{namespace}:"))
     extra = keys[: max(0, len(keys) - keep)]
     for key in extra:
-        store.delete_prefix(key)
+        store.delete(key)
     return len(extra)
 
 

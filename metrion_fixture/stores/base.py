@@ -37,6 +37,10 @@ class Store(abc.ABC):
         """Seconds until ``key`` expires, or None if it does not exist."""
 
     @abc.abstractmethod
+    def delete(self, key: str) -> bool:
+        """Delete exactly ``key`` (never a longer key it is a prefix of); True if it was live."""
+
+    @abc.abstractmethod
     def delete_prefix(self, prefix: str) -> int:
         """Delete every key that starts with ``prefix``; return how many."""
 

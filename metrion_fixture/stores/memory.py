@@ -47,6 +47,11 @@ class MemoryStore(Store):
             item = self._live(key, now)
         return None if item is None else item[1] - now
 
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            item = self._data.pop(key, None)
+        return item is not None and item[1] > time.time()
+
     def delete_prefix(self, prefix: str) -> int:
         now = time.time()
         with self._lock:

@@ -289,6 +289,12 @@ class RedisStore(Store):
         pattern = _GLOB_SPECIAL.sub(r"\\\1", prefix) + "*"
         return self._sync().scan_iter(match=pattern, count=1000)
 
+    def delete(self, key: str) -> bool:
+        try:
+            return bool(self._sync().unlink(key))
+        finally:
+            self._forget(key)
+
     def delete_prefix(self, prefix: str) -> int:
         try:
             return self._delete_prefix(prefix)

@@ -245,6 +245,17 @@ class SQLiteStore(Store):
         )
         return None if row is None else row[0] - now
 
+    def delete(self, key: str) -> bool:
+        conn = self._conn()
+        try:
+            with conn:
+                conn.execute("BEGIN IMMEDIATE")
+                live = conn.execute("DELETE FROM entries WHERE key = ? AND expires_at > ?", (key, time.time())).rowcount
+                conn.execute("DELETE FROM entries WHERE key = ?", (key,))  # expired: gone too, not counted
+        finally:
+            self._local.near.discard(key)
+        return live == 1
+
     def delete_prefix(self, prefix: str) -> int:
         where, args = self._range(prefix)
         conn = self._conn()
