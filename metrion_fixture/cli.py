@@ -5,17 +5,47 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .core.directives import check_ttl
-from .core.options import OPTIONS, URL_ENV, Layer, argument_layer, environment_layer, flag_layer, resolve
+from .core.options import (
+    OPTIONS,
+    URL_ENV,
+    Layer,
+    argument_layer,
+    environment_layer,
+    flag_layer,
+    mask_password,
+    resolve,
+)
 from .errors import MetrionCacheError
-from .reporting.reports import GROUPINGS, StoredEntry, answer_text, entries, render_entries, render_report, stats
+from .reporting.reports import (
+    GROUPINGS,
+    KeyUse,
+    StoredEntry,
+    ago,
+    answer_body,
+    answer_json,
+    answer_text,
+    duration,
+    entries,
+    key_uses,
+    plural,
+    render_entries,
+    render_report,
+    stats,
+    use_of,
+    utc,
+)
+from .runtime.ledger import read_records
 from .runtime.session import CacheSession
 from .stores import default_store_url, open_store
 from .stores.base import Store
+from .stores.sqlite import SQLiteStore
 
 # An import replaces what is stored (refresh), and reads each call's record back, so it keeps its records.
 _IMPORT_FIXED: dict[str, object] = {"mode": "refresh"}
@@ -73,17 +103,38 @@ def add_ledger_commands(commands: Any) -> None:
     show.add_argument(
         "key", metavar="KEY", help="the cache key (x-metrion-cache-key, or its first 8+ characters) or storage key"
     )
+    shown = show.add_mutually_exclusive_group()
+    shown.add_argument("--text", action="store_true", help="print only the answer's text (a stream assembled)")
+    shown.add_argument("--raw", action="store_true", help="print the stored body as sent (JSON, or the events)")
     purge = commands.add_parser("purge", help="delete stored answers (the ledger of calls is kept)")
     common(purge)
     which = purge.add_mutually_exclusive_group(required=True)
     which.add_argument("--model", help="the answers of this model")
+    which.add_argument("--key", metavar="PREFIX", help="the answers whose cache key starts with PREFIX (8+ characters)")
     which.add_argument("--older-than", metavar="AGE", help="answers stored longer ago than AGE, e.g. 3d, 12h")
     which.add_argument("--all", action="store_true", help="every answer (asks first, unless --yes)")
     purge.add_argument("--yes", action="store_true", help="do not ask before --all")
 
 
+class NoStore(Exception):
+    """A read-only command named a store that does not exist: it says so rather than create an empty one."""
+
+
 def _store(args: argparse.Namespace) -> Store:
-    return open_store(args.url or os.environ.get(URL_ENV) or default_store_url())
+    store = open_store(args.url or os.environ.get(URL_ENV) or default_store_url())
+    # Opening an SQLite store creates its file: a mistyped path would show an empty cache, so it is refused.
+    if isinstance(store, SQLiteStore) and not store.path.exists():
+        raise NoStore(f"no store at {store.path} (check --url or ${URL_ENV})")
+    return store
+
+
+def _store_failures() -> tuple[type[BaseException], ...]:
+    """What a store that cannot be reached raises: the OS's errors, SQLite's, redis-py's (if it was imported)."""
+    failures: list[type[BaseException]] = [OSError, sqlite3.Error]
+    redis_exceptions = sys.modules.get("redis.exceptions")
+    if redis_exceptions is not None:
+        failures.append(redis_exceptions.RedisError)
+    return tuple(failures)
 
 
 def _seconds(value: str, option: str) -> int:
@@ -93,71 +144,124 @@ def _seconds(value: str, option: str) -> int:
         raise MetrionCacheError(f"invalid {option} {value!r}; use a duration like 7d, 12h, 90m or seconds") from None
 
 
-def stats_command(args: argparse.Namespace) -> int:
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def stats_command(args: argparse.Namespace, store: Store) -> int:
     since = time.time() - _seconds(args.since, "--since") if args.since else None
-    report = stats(_store(args), args.namespace, since=since, by=args.by)
+    report = stats(store, args.namespace, since=since, by=args.by)
     if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
+        _print_json(report.as_dict())
         return 0
     period = f"in the last {args.since}" if args.since else "in the ledger"
-    print(f"metrion cache: {report.total.requests} calls {period} ({_store(args).url})")
+    print(f"metrion cache: {plural(report.total.requests, 'call')} {period} ({store.url})")
     print(render_report(report))
     return 0
 
 
-def _selected(args: argparse.Namespace) -> list[StoredEntry]:
-    found = entries(_store(args), args.namespace)
+def _selected(args: argparse.Namespace, store: Store) -> list[StoredEntry]:
+    found = entries(store, args.namespace)
     if getattr(args, "model", None):
         found = [stored for stored in found if stored.entry.model == args.model]
+    key = getattr(args, "key", None)
+    if key is not None:
+        found = [stored for stored in found if _key_matches(stored, key)]
     return found
 
 
-def ls_command(args: argparse.Namespace) -> int:
-    found = _selected(args)
+def _key_matches(stored: StoredEntry, wanted: str) -> bool:
+    """A storage key, a cache key, or the first 8+ characters of a cache key (as ls shows it)."""
+    wanted = wanted.strip()
+    return stored.storage_key == wanted or (len(wanted) >= 8 and stored.entry.key.startswith(wanted))
+
+
+def _check_key(key: str) -> None:
+    if ":" not in key and len(key.strip()) < 8:  # a storage key has colons; a cache key needs 8 characters
+        raise MetrionCacheError(f"key {key!r} is too short: give at least its first 8 characters")
+
+
+def _listed(stored: StoredEntry, use: KeyUse) -> dict[str, Any]:
+    extra = {"hits": use.hits, "last_used": use.last_used, "source": use.source or None, "preview": use.preview or None}
+    return {**stored.summary(), **extra}
+
+
+def ls_command(args: argparse.Namespace, store: Store) -> int:
+    found = _selected(args, store)
+    uses = key_uses(read_records(store, args.namespace)) if found else {}
     if args.json:
-        print(json.dumps([stored.summary() for stored in found], indent=2))
+        _print_json([_listed(stored, use_of(stored, uses)) for stored in found])
     elif not found:
         print("metrion cache: no stored answers" + (f" for model {args.model!r}" if args.model else ""))
     else:
-        print(render_entries(found))
-        print(f"{len(found)} answers, {sum(s.entry.size for s in found):,} bytes")
+        print(render_entries(found, uses))
+        print(f"{plural(len(found), 'answer')}, {plural(sum(s.entry.size for s in found), 'byte')}")
     return 0
 
 
-def show_command(args: argparse.Namespace) -> int:
-    wanted = args.key.strip()
-    found = [
-        stored
-        for stored in entries(_store(args), args.namespace)
-        if stored.storage_key == wanted or (len(wanted) >= 8 and stored.entry.key.startswith(wanted))
-    ]
+def show_command(args: argparse.Namespace, store: Store) -> int:
+    found = _selected(args, store)
     if not found:
-        print(f"metrion-cache: no stored answer with key {wanted!r}", file=sys.stderr)
+        print(f"metrion-cache: no stored answer with key {args.key.strip()!r} in {store.url}", file=sys.stderr)
         return 1
+    uses = key_uses(read_records(store, args.namespace))
     if args.json:
-        shown = [
-            {**stored.summary(), "headers": stored.entry.headers, "answer": answer_text(stored.entry)}
-            for stored in found
-        ]
-        print(json.dumps(shown, indent=2, ensure_ascii=False))
+        _print_json(
+            [
+                {
+                    **_listed(stored, use_of(stored, uses)),
+                    "headers": [list(header) for header in stored.entry.headers],
+                    "text": answer_text(stored.entry),
+                    "answer": answer_json(stored.entry),
+                }
+                for stored in found
+            ]
+        )
         return 0
-    for stored in found:
+    for number, stored in enumerate(found):
+        if number:
+            print()
+        if args.text:
+            print(answer_text(stored.entry))
+            continue
         # Stored entries hold the provider's answer and replayable response headers only:
         # request headers (API keys) and set-cookie never enter the store.
-        info = stored.summary()
-        for name, value in info.items():
-            print(f"{name:>17}: {value}")
-        print(f"{'headers':>17}: " + ", ".join(f"{name}: {value}" for name, value in stored.entry.headers))
+        for name, value in _described(stored, use_of(stored, uses)):
+            print(f"{name:>16}: {value}")
         print()
-        print(answer_text(stored.entry))
-        print()
+        print(answer_body(stored.entry) if args.raw else answer_text(stored.entry))
     return 0
 
 
-def purge_command(args: argparse.Namespace) -> int:
-    store = _store(args)
-    found = _selected(args) if args.model else entries(store, args.namespace)
-    what = f"model {args.model!r}" if args.model else ""
+def _described(stored: StoredEntry, use: KeyUse) -> list[tuple[str, str]]:
+    info, now = stored.summary(), time.time()
+    expires = info["expires_in"]
+    used = "-" if info["input_tokens"] is None else f"{info['input_tokens']:,} in / {info['output_tokens'] or 0:,} out"
+    lines = [
+        ("key", info["key"]),
+        ("storage key", info["storage_key"]),
+        ("namespace", info["namespace"]),
+        ("model", info["model"]),
+        ("format", f"{info['wire_format']}, {'stream' if info['stream'] else 'json'}"),
+        ("status", str(info["status"])),
+        ("size", f"{plural(info['bytes'], 'byte')}, {plural(info['chunks'], 'chunk')}"),
+        ("stored", f"{utc(info['stored_at'])} ({ago(info['stored_at'], now)})"),
+        ("expires", "never" if expires is None else f"{utc(now + expires)} (in {duration(expires)})"),
+        ("provider time", duration(info["provider_seconds"])),
+        ("tokens", used),
+        ("hits", f"{use.hits} (last used {ago(use.last_used, now)})"),
+    ]
+    if use.source:
+        lines.append(("source", use.source))
+    if use.preview:
+        lines.append(("prompt", use.preview))
+    lines.append(("headers", ", ".join(f"{name}: {value}" for name, value in stored.entry.headers)))
+    return lines
+
+
+def purge_command(args: argparse.Namespace, store: Store) -> int:
+    found = _selected(args, store) if args.model or args.key else entries(store, args.namespace)
+    what = f"model {args.model!r}" if args.model else f"key {args.key.strip()}" if args.key else ""
     if args.older_than:
         cutoff = time.time() - _seconds(args.older_than, "--older-than")
         found = [stored for stored in found if stored.entry.stored_at < cutoff]
@@ -166,8 +270,15 @@ def purge_command(args: argparse.Namespace) -> int:
         where = f"namespace {args.namespace!r}" if args.namespace else "every namespace"
         what = f"all, in {where}"
         if found and not args.yes:
+            # The question goes to stderr, so that --json's output stays JSON.
+            print(
+                f"Delete all {plural(len(found), 'stored answer')} in {where} of {store.url}? [y/N] ",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
-                reply = input(f"Delete all {len(found)} stored answers in {where} of {store.url}? [y/N] ")
+                reply = input()
             except EOFError:
                 reply = ""
             if reply.strip().lower() not in ("y", "yes"):
@@ -177,8 +288,44 @@ def purge_command(args: argparse.Namespace) -> int:
     # Counted by what the store removed: an entry may expire or go elsewhere between listing and delete.
     removed = [stored for stored in found if store.delete(stored.storage_key)]
     size = sum(stored.entry.size for stored in removed)
-    print(f"metrion cache: removed {len(removed)} stored answers ({what}), {size:,} bytes, from {store.url}")
+    if args.json:
+        _print_json(
+            {
+                "removed": len(removed),
+                "bytes": size,
+                "which": what,
+                "url": store.url,
+                "storage_keys": [stored.storage_key for stored in removed],
+            }
+        )
+        return 0
+    print(
+        f"metrion cache: removed {plural(len(removed), 'stored answer')} ({what}), {plural(size, 'byte')}, "
+        f"from {store.url}"
+    )
     return 0
+
+
+def run_ledger_command(args: argparse.Namespace) -> int:
+    """stats, ls, show, purge: one line on stderr and exit code 1 when the store is missing or unreachable."""
+    # Bad arguments are told before the store is looked for.
+    for option in ("since", "older_than"):
+        if getattr(args, option, None):
+            _seconds(getattr(args, option), "--" + option.replace("_", "-"))
+    if getattr(args, "key", None) is not None:
+        _check_key(args.key)
+    try:
+        store = _store(args)
+        return LEDGER_COMMANDS[args.command](args, store)
+    except NoStore as error:
+        problem = str(error)
+    except BrokenPipeError:
+        raise  # an OSError, but the reader's, not the store's: main ends quietly
+    except _store_failures() as error:
+        url = args.url or os.environ.get(URL_ENV) or default_store_url()
+        problem = f"cannot reach the store {mask_password(url)}: {type(error).__name__}: {error}"
+    print(f"metrion-cache: {problem}", file=sys.stderr)  # outside the except block: no chained traceback
+    return 1
 
 
 # -- serve ----------------------------------------------------------------------------------------------------
@@ -272,7 +419,23 @@ def import_cassettes_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_help()
+        return 0
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except BrokenPipeError:
+        # The reader left early (| head): the rest is not wanted. Point stdout at devnull, so that
+        # Python's own flush at exit does not fail again with a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "demo":
             try:
@@ -290,14 +453,19 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             return serve_command(args)
         elif args.command in LEDGER_COMMANDS:
-            return LEDGER_COMMANDS[args.command](args)
+            return run_ledger_command(args)
     except MetrionCacheError as error:
         print(f"metrion-cache: {error}", file=sys.stderr)
         return 2
     return 0
 
 
-LEDGER_COMMANDS = {"stats": stats_command, "ls": ls_command, "show": show_command, "purge": purge_command}
+LEDGER_COMMANDS: dict[str, Callable[[argparse.Namespace, Store], int]] = {
+    "stats": stats_command,
+    "ls": ls_command,
+    "show": show_command,
+    "purge": purge_command,
+}
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shlex
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,9 +19,11 @@ from metrion_fixture.cli import main
 from metrion_fixture.core.stats import CallRecord
 from metrion_fixture.demo.faq_bot import DEMO_NAMESPACE, run_demo
 from metrion_fixture.reporting import prices
+from metrion_fixture.reporting.reports import dollars, money, plural
 from metrion_fixture.runtime import ledger
 from metrion_fixture.runtime.ledger import PREFIX, StoredLedger, read_records, retention_seconds, trim
 from metrion_fixture.stores import open_store
+from metrion_fixture.testing.provider import make_answer
 
 
 @pytest.fixture
@@ -108,7 +114,7 @@ def test_stats_by_model_provider_and_day_and_since(url, capsys):
     recent = stats_json(capsys, url, "--since", "7d")["total"]
     assert (recent["requests"], recent["hits"], recent["saved_usd"], recent["saved_seconds"]) == (1, 1, 0.002, 1.5)
     code, out = run(capsys, "stats", "--url", url, "--by", "model")
-    assert code == 0 and "hit rate" in out and "gemini-2.5-flash" in out and "$0.002" in out and "1.5 s" in out
+    assert code == 0 and "hit rate" in out and "gemini-2.5-flash" in out and "$0.0020" in out and "1.5 s" in out
 
 
 def test_the_ledger_expires_after_its_retention_and_can_be_turned_off(url, monkeypatch):
@@ -179,6 +185,9 @@ def test_stats_after_the_demo_print_the_savings(tmp_path, monkeypatch, capsys):
 # -- ls, show, purge ------------------------------------------------------------------------------------------
 
 
+QUESTION = "What are your delivery times?"  # the question sdk_calls asks by default
+
+
 @pytest.fixture
 def filled(provider, url):
     """Three stored answers: two models, one of them streamed."""
@@ -202,17 +211,19 @@ def test_show_prints_metadata_and_the_answer_and_no_secret(filled, url, capsys):
     """show KEY (or its first characters) prints the metadata and the answer; API keys are never in it."""
     key = filled.calls[-1].key
     code, out = run(capsys, "show", "--url", url, key[:10])
-    assert code == 0 and key in out and "anthropic_messages" in out and "message_stop" in out
+    assert code == 0 and key in out and "anthropic_messages" in out and out.endswith(f"\n\n{make_answer(QUESTION)}\n")
+    code, raw = run(capsys, "show", "--url", url, "--raw", key)
+    assert code == 0 and "event: message_stop" in raw
     assert "sk-ant-secret-test-key" not in out and "sk-openai-secret-test-key" not in out
     shown = json.loads(run(capsys, "show", "--url", url, "--json", filled.calls[0].key)[1])
-    assert json.loads(shown[0]["answer"])["object"] == "chat.completion"
+    assert shown[0]["answer"]["object"] == "chat.completion", "the answer is JSON, not a string of JSON"
     assert run(capsys, "show", "--url", url, "0" * 64)[0] == 1
 
 
 def test_purge_by_model_and_age_says_what_it_removed(filled, url, capsys):
     """purge --model and --older-than delete only what they name and say how many."""
     code, out = run(capsys, "purge", "--url", url, "--model", "claude-test")
-    assert code == 0 and "removed 1 stored answers" in out
+    assert code == 0 and "removed 1 stored answer (model 'claude-test')" in out
     assert run(capsys, "purge", "--url", url, "--older-than", "1h")[1].startswith("metrion cache: removed 0")
     assert [item["model"] for item in json.loads(run(capsys, "ls", "--url", url, "--json")[1])] == ["gpt-4o", "gpt-4o"]
     assert stats_json(capsys, url)["total"]["requests"] == 3, "the ledger is kept"
@@ -220,10 +231,10 @@ def test_purge_by_model_and_age_says_what_it_removed(filled, url, capsys):
 
 def test_purge_all_asks_first_unless_yes(filled, url, capsys, monkeypatch):
     """purge --all asks; anything but yes (or no answer at all) deletes nothing; --yes skips the question."""
-    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    monkeypatch.setattr("builtins.input", lambda: "n")
     assert run(capsys, "purge", "--url", url, "--all")[0] == 1
 
-    def no_stdin(prompt):
+    def no_stdin():
         raise EOFError
 
     monkeypatch.setattr("builtins.input", no_stdin)
@@ -238,3 +249,160 @@ def test_bad_durations_are_refused(url, capsys):
     """A --since that is not a duration is a clear error, exit code 2."""
     assert main(["stats", "--url", url, "--since", "lately"]) == 2
     assert "--since" in capsys.readouterr().err
+
+
+# -- what a user sees -------------------------------------------------------------------------------------------
+
+
+def test_money_and_counts_are_printed_one_way():
+    """Dollars: four decimals below $1, two above, never $0.0000; counts agree with their noun."""
+    assert [money(value) for value in (0.0042, 0.00001, 0.0, 0.1, 0.99999, 1234.5)] == [
+        "$0.0042",
+        "<$0.0001",
+        "$0.00",
+        "$0.1000",
+        "$1.00",
+        "$1,234.50",
+    ]
+    assert dollars(None, unpriced=2) == "unknown" and dollars(0.5, unpriced=1) == "$0.5000 + unknown"
+    assert [plural(1, "answer"), plural(2, "answer"), plural(0, "miss"), plural(3, "entry"), plural(2, "day")] == [
+        "1 answer",
+        "2 answers",
+        "0 misses",
+        "3 entries",
+        "2 days",
+    ]
+
+
+def test_stats_prints_tiny_amounts_as_less_than_a_hundredth_of_a_cent(url, capsys):
+    """A saving too small for four decimals reads <$0.0001, not $0.0000 (which reads as free)."""
+    sink = StoredLedger(open_store(url), "ns", retention_seconds())
+    sink.add(record(status="HIT", cost_usd=0.0, input_tokens=0, output_tokens=0, saved_output_tokens=1, saved_usd=2e-7))
+    sink.flush()
+    code, out = run(capsys, "stats", "--url", url)
+    assert code == 0 and out.startswith("metrion cache: 1 call in the ledger")
+    assert "<$0.0001" in out and "$0.0000" not in out
+
+
+def test_ls_shows_hits_last_use_and_where_each_answer_came_from(provider, filled, url, capsys):
+    """ls: how often each answer was served and when last; the ledger's prompt preview, else the call's source."""
+    with metrion_fixture.cache(url, namespace="fill") as session:
+        call("openai", provider.url, model="gpt-4o")
+        call("openai", provider.url, model="gpt-4o")
+    assert [c.status for c in session.calls] == ["HIT", "HIT"]
+    hit_key, other_key = filled.calls[0].key, filled.calls[1].key
+    # Records as the ledger keeps them with a preview (store_previews) and a source.
+    store = open_store(url)
+    lines = [
+        {"key": other_key, "wire_format": "openai_chat", "status": "HIT", "at": time.time(), "source": "batch.py"},
+        {"key": hit_key, "wire_format": "openai_chat", "status": "MISS", "at": 1.0, "preview": "What are your d"},
+    ]
+    store.set(f"{PREFIX}fill:0-extra", "\n".join(json.dumps(line) for line in lines).encode(), 3600)
+    code, out = run(capsys, "ls", "--url", url)
+    assert code == 0
+    header, _, *rows = out.splitlines()
+    assert header.split() == "key prompt / source model mode hits last used age expires in bytes".split()
+    row = {line.split()[0]: line for line in rows}
+    assert re.search(r'"What are your d"\s+gpt-4o\s+json\s+2\s+\d+\.\d s ago', row[hit_key[:12]])
+    assert re.search(r"batch\.py\s+gpt-4o\s+json\s+1\s+\d+\.\d s ago", row[other_key[:12]])
+    assert rows[-1].startswith("3 answers, ") and rows[-1].endswith(" bytes")
+    listed = {item["key"]: item for item in json.loads(run(capsys, "ls", "--url", url, "--json")[1])}
+    assert (listed[hit_key]["hits"], listed[hit_key]["preview"], listed[other_key]["source"]) == (
+        2,
+        "What are your d",
+        "batch.py",
+    )
+    assert listed[hit_key]["last_used"] == pytest.approx(session.calls[-1].at)
+
+
+def test_show_prints_human_dates_and_text_prints_the_assembled_answer(filled, url, capsys):
+    """show: dates in UTC with how long ago; --text: the answer's words, a stream assembled, in any format."""
+    streamed = filled.calls[-1]
+    code, out = run(capsys, "show", "--url", url, streamed.key[:12])
+    assert code == 0
+    assert re.search(r"^ +stored: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(\d+\.\d s ago\)$", out, re.M)
+    assert re.search(r"^ +expires: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in \d+\.\d [a-z]+\)$", out, re.M)
+    assert re.search(r"^ +format: anthropic_messages, stream$", out, re.M)
+    assert "stored_at" not in out, "no raw epoch field names"
+    code, text = run(capsys, "show", "--url", url, "--text", streamed.key)
+    assert code == 0 and text == make_answer(QUESTION) + "\n"
+    assert run(capsys, "show", "--url", url, "--text", filled.calls[1].key)[1] == (
+        "Here is a simulated answer to: Another question?\n"
+    )
+    shown = json.loads(run(capsys, "show", "--url", url, "--json", streamed.key)[1])
+    assert shown[0]["text"] == make_answer(QUESTION)
+    assert [event["event"] for event in shown[0]["answer"]][-1] == "message_stop"
+    assert shown[0]["answer"][0]["data"]["type"] == "message_start", "each event's data is JSON too"
+
+
+@pytest.mark.parametrize("api", ["gemini", "responses"])
+def test_show_text_assembles_gemini_and_responses_streams(provider, url, capsys, api):
+    """--text reads every stored format, streamed or not, as the answer's text."""
+    with metrion_fixture.cache(url) as session:
+        provider_call(api, provider.url, model="gemini-2.5-flash" if api == "gemini" else "gpt-4o", stream=True)
+        provider_call(api, provider.url, model="gemini-2.5-flash" if api == "gemini" else "gpt-4o")
+    for made in session.calls:
+        code, text = run(capsys, "show", "--url", url, "--text", made.key)
+        assert code == 0 and text == make_answer(QUESTION) + "\n", (made.wire_format, text)
+        assert "\ndata:" not in text and "{" not in text
+
+
+def test_show_piped_to_head_ends_quietly(provider, url):
+    """show | head: the reader leaves early; no BrokenPipeError traceback, nothing on stderr."""
+    with metrion_fixture.cache(url) as session:
+        call("openai", provider.url, model="gpt-4o", extra_headers={"x-simulate": "big"})
+    command = (
+        f"{shlex.quote(sys.executable)} -m metrion_fixture.cli show --url {shlex.quote(url)} {session.calls[0].key}"
+    )
+    piped = subprocess.run(
+        ["bash", "-c", f"{command} | head -n 3"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert len(piped.stdout.splitlines()) == 3
+    assert piped.stderr == "", piped.stderr
+
+
+def test_purge_by_key_prefix_and_json(filled, url, capsys):
+    """purge --key PREFIX deletes that answer only; --json prints JSON; a prefix under 8 characters is refused."""
+    key = filled.calls[1].key
+    code, out = run(capsys, "purge", "--url", url, "--key", key[:10], "--json")
+    purged = json.loads(out)
+    assert code == 0 and purged["removed"] == 1 and purged["url"] == url and len(purged["storage_keys"]) == 1
+    assert key not in [item["key"] for item in json.loads(run(capsys, "ls", "--url", url, "--json")[1])]
+    code, out = run(capsys, "purge", "--url", url, "--key", filled.calls[0].key)
+    assert code == 0 and out.startswith(f"metrion cache: removed 1 stored answer (key {filled.calls[0].key}), ")
+    assert main(["purge", "--url", url, "--key", "abc"]) == 2
+    assert "key 'abc' is too short: give at least its first 8 characters" in capsys.readouterr().err
+
+
+def test_purge_all_json_asks_on_stderr_and_prints_only_json(filled, url, capsys, monkeypatch):
+    """With --json the question goes to stderr, so stdout stays one JSON document."""
+    monkeypatch.setattr("builtins.input", lambda: "yes")
+    code, out = run(capsys, "purge", "--url", url, "--all", "--json")
+    assert code == 0 and json.loads(out)["removed"] == 3
+
+
+@pytest.mark.parametrize("command", [["stats"], ["ls"], ["show", "0123456789abcdef"], ["purge", "--all", "--yes"]])
+def test_commands_never_create_a_store_at_a_mistyped_path(tmp_path, capsys, command):
+    """A path with no store is one clear line and exit code 1, and no file appears there."""
+    missing = tmp_path / "typo" / "cache.sqlite3"
+    code = main([*command, "--url", f"sqlite:///{missing}"])
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err == f"metrion-cache: no store at {missing} (check --url or $METRION_CACHE_URL)\n"
+    assert not missing.exists() and not missing.parent.exists()
+
+
+def test_an_unreachable_redis_is_one_line(capsys):
+    """No Redis listening: one line on stderr naming the store, exit code 1, no traceback."""
+    code = main(["stats", "--url", "redis://:hunter2@127.0.0.1:1/0"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("metrion-cache: cannot reach the store redis://:***@127.0.0.1:1/0: ")
+    assert "hunter2" not in err and "Traceback" not in err
+
+
+def test_no_arguments_prints_the_help(capsys):
+    """metrion-cache alone prints its usage and its commands."""
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: metrion-cache") and all(name in out for name in ("stats", "ls", "show", "purge"))

@@ -5,7 +5,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .base import Prompt, Usage, WireFormat, chat_prompt, dump, json_object, json_payloads, number, sse, sse_events
+from .base import (
+    Prompt,
+    Usage,
+    WireFormat,
+    chat_prompt,
+    dump,
+    json_object,
+    json_payloads,
+    number,
+    sse,
+    sse_events,
+    tool_call_text,
+)
 
 _ERROR_TYPES = {400: "invalid_request_error", 504: "timeout_error"}
 
@@ -61,6 +73,15 @@ class AnthropicMessages(WireFormat):
 
     def stream_from_body(self, body: bytes, shape: dict[str, Any] | None) -> list[bytes] | None:
         return _stream_from_message(json_object(body))
+
+    def text_of(self, answer: dict[str, Any]) -> str | None:
+        parts = []
+        for block in answer["content"]:
+            if block.get("type") == "text":
+                parts.append(block["text"])
+            elif block.get("type") in ("tool_use", "server_tool_use"):
+                parts.append(tool_call_text(block["name"], block.get("input", {})))
+        return "\n".join(parts)
 
     def body_from_stream(self, chunks: list[bytes]) -> bytes | None:
         return _message_from_stream(chunks)

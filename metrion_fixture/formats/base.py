@@ -69,6 +69,21 @@ class WireFormat:
         """A stored answer as text for people (``metrion-cache show``), when its bytes are not text."""
         return None
 
+    def answer_text(self, chunks: Sequence[bytes], stream: bool) -> str | None:
+        """The answer as a person reads it (``metrion-cache show --text``): a stream assembled, tool calls named.
+
+        None when the stored bytes are not a whole answer of this format.
+        """
+        try:
+            body = self.body_from_stream(list(chunks)) if stream else b"".join(chunks)
+            return None if body is None else self.text_of(json_object(body))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def text_of(self, answer: dict[str, Any]) -> str | None:
+        """The text of a parsed non-streamed answer of this format."""
+        return None
+
     def stream_watcher(self) -> ChunkWatcher:
         """What follows a streamed answer of this format to tell whether it is whole."""
         return StreamWatcher(self)
@@ -178,6 +193,12 @@ def sse(event: str | None, data: Any, *, crlf: bool = False) -> bytes:
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     text = (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
     return (text.replace("\n", "\r\n") if crlf else text).encode("utf-8")
+
+
+def tool_call_text(name: Any, arguments: Any) -> str:
+    """A tool call in an answer's text: ``[tool call lookup({"city": "Paris"})]``."""
+    shown = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return f"[tool call {name}({shown})]"
 
 
 def json_object(data: bytes | str) -> dict[str, Any]:

@@ -12,7 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Prompt, Usage, WireFormat, dump, json_error_field, json_object, json_payloads, number, sse, sse_events
+from .base import (
+    Prompt,
+    Usage,
+    WireFormat,
+    dump,
+    json_error_field,
+    json_object,
+    json_payloads,
+    number,
+    sse,
+    sse_events,
+    tool_call_text,
+)
 
 _METHODS = {"generateContent": False, "streamGenerateContent": True}
 _STATUSES = {400: "INVALID_ARGUMENT", 504: "DEADLINE_EXCEEDED"}
@@ -76,6 +88,15 @@ class Gemini(WireFormat):
         if not isinstance(response.get("candidates"), list):
             return None
         return [sse(None, response, crlf=True)]
+
+    def text_of(self, answer: dict[str, Any]) -> str | None:
+        text, calls = "", []
+        for part in answer["candidates"][0]["content"].get("parts") or []:
+            if "text" in part and not part.get("thought"):  # thoughts are the model's, not the answer
+                text += part["text"]
+            elif "functionCall" in part:
+                calls.append(tool_call_text(part["functionCall"]["name"], part["functionCall"].get("args", {})))
+        return "\n".join(part for part in (text, *calls) if part)
 
     def body_from_stream(self, chunks: list[bytes]) -> bytes | None:
         merged: dict[str, Any] = {}

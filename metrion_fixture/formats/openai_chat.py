@@ -16,6 +16,7 @@ from .base import (
     number,
     sse,
     sse_events,
+    tool_call_text,
 )
 
 _ERROR_TYPES = {400: "invalid_request_error", 504: "timeout"}
@@ -58,6 +59,15 @@ class OpenAIChat(WireFormat):
 
     def stream_from_body(self, body: bytes, shape: dict[str, Any] | None) -> list[bytes] | None:
         return _stream_from_completion(json_object(body), bool(shape and shape.get("include_usage")))
+
+    def text_of(self, answer: dict[str, Any]) -> str | None:
+        message = answer["choices"][0]["message"]
+        parts = [message.get("content") or message.get("refusal") or ""]
+        parts += [
+            tool_call_text(call["function"]["name"], call["function"].get("arguments", ""))
+            for call in message.get("tool_calls") or []
+        ]
+        return "\n".join(part for part in parts if part)
 
     def body_from_stream(self, chunks: list[bytes]) -> bytes | None:
         return _completion_from_stream(chunks)

@@ -12,7 +12,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .base import Prompt, Usage, WireFormat, dump, json_object, json_payloads, number, sse, sse_events
+from .base import (
+    Prompt,
+    Usage,
+    WireFormat,
+    dump,
+    json_object,
+    json_payloads,
+    number,
+    sse,
+    sse_events,
+    tool_call_text,
+)
 from .openai_chat import openai_error_body
 
 _ENDS = frozenset({"response.completed", "response.incomplete"})
@@ -66,6 +77,15 @@ class OpenAIResponses(WireFormat):
 
     def stream_from_body(self, body: bytes, shape: dict[str, Any] | None) -> list[bytes] | None:
         return _stream_from_response(json_object(body))
+
+    def text_of(self, answer: dict[str, Any]) -> str | None:
+        parts = []
+        for item in answer["output"]:
+            if item.get("type") == "message":
+                parts += [part.get("text") or part.get("refusal") or "" for part in item.get("content") or []]
+            elif item.get("type") == "function_call":
+                parts.append(tool_call_text(item["name"], item.get("arguments", "")))
+        return "\n".join(part for part in parts if part)
 
     def body_from_stream(self, chunks: list[bytes]) -> bytes | None:
         # The final event carries the whole response: that is the non-streamed answer.

@@ -70,6 +70,18 @@ class XaiGrpc(WireFormat):
             return "\n".join(MessageToJson(message, indent=None, ensure_ascii=False) for message in messages)
         return MessageToJson(messages[0], indent=2, ensure_ascii=False) if messages else ""
 
+    def answer_text(self, chunks: Sequence[bytes], stream: bool) -> str | None:
+        try:
+            messages = [response_class(stream).FromString(bytes(chunk)) for chunk in chunks]
+        except Exception:  # noqa: BLE001 - not our protobuf (a damaged or foreign value): no text
+            return None
+        if stream:  # the first output's deltas, in order
+            return "".join(
+                output.delta.content for message in messages for output in message.outputs if output.index == 0
+            )
+        outputs = messages[0].outputs if messages else []
+        return outputs[0].message.content if outputs else None
+
 
 WIRE_FORMAT = XaiGrpc()
 

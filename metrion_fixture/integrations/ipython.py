@@ -33,6 +33,7 @@ from ..api import covering_process, disable, enable
 from ..core.options import OPTIONS, CacheOptions, InvalidOption, environment_layer, flag_layer, resolve
 from ..core.stats import Ledger
 from ..errors import MetrionCacheError
+from ..reporting.reports import money
 from ..runtime.activation import active_session, enabled_session
 from ..runtime.session import CacheSession
 
@@ -92,7 +93,7 @@ class CacheReport:
         if self.from_cache:
             parts.append(f"{format_seconds(self.saved_seconds)} saved")
         if self.saved_tokens:
-            dollars = f" (${self.saved_usd:.4f})" if self.saved_usd else ""
+            dollars = f" ({money(self.saved_usd)})" if self.saved_usd else ""
             parts.append(f"{self.saved_tokens:,} tokens saved{dollars}")
         return parts
 

@@ -39,6 +39,7 @@ from ..core.options import (
     resolve,
 )
 from ..errors import MetrionCacheError
+from ..reporting.reports import money, plural
 
 if TYPE_CHECKING:
     from ..runtime.session import CacheSession
@@ -336,7 +337,7 @@ def _replay_failure_text(item: pytest.Item, session: CacheSession, resolved: Res
             f"({_OPTION['url'].pytest_flag}, ini {_OPTION['url'].ini} or ${URL_ENV})."
         )
     return (
-        f"{item.nodeid} asked for {len(misses)} answer{'s' if len(misses) != 1 else ''} that "
+        f"{item.nodeid} asked for {plural(len(misses), 'answer')} that "
         f"{'are' if len(misses) != 1 else 'is'} not in the cache ({session.url}, namespace "
         f"{session.settings.namespace!r}); in replay mode the provider is never called:\n{answers}\n"
         f"{_record_hint(item, resolved, session.url)}"
@@ -392,31 +393,27 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         terminalreporter.write_line(line)
 
 
-def _count(number: int, word: str, plural: str | None = None) -> str:
-    return f"{number} {word if number == 1 else plural or word + 's'}"
-
-
 def _token_savings(totals: dict[str, Any]) -> str:
     saved_in, saved_out = totals.get("saved_input_tokens", 0), totals.get("saved_output_tokens", 0)
     if not saved_in and not saved_out:
         return ""
-    dollars = f" (${totals['saved_usd']:.4f} at list prices)" if totals.get("saved_usd") else ""
+    dollars = f" ({money(totals['saved_usd'])} at list prices)" if totals.get("saved_usd") else ""
     return f", tokens saved {saved_in:,} in / {saved_out:,} out{dollars}"
 
 
 def summary_lines(totals: dict[str, Any], *, verbose: bool) -> list[str]:
     requests = sum(totals[name] for name in ("hits", "misses", "refreshes", "bypassed", "errors"))
     parts = [
-        _count(totals["hits"], "hit"),
-        _count(totals["misses"], "miss", "misses"),
-        _count(totals["refreshes"], "refresh", "refreshes"),
-        _count(totals["errors"], "error"),
+        plural(totals["hits"], "hit"),
+        plural(totals["misses"], "miss"),
+        plural(totals["refreshes"], "refresh"),
+        plural(totals["errors"], "error"),
     ]
     if totals["bypassed"]:
         parts.append(f"{totals['bypassed']} bypassed")
     lines = [
         (
-            f"{_count(totals['tests'], 'test')} used the cache: {_count(requests, 'request')}: {', '.join(parts)}; "
+            f"{plural(totals['tests'], 'test')} used the cache: {plural(requests, 'request')}: {', '.join(parts)}; "
             f"provider time saved {totals['saved_seconds']:.2f} s{_token_savings(totals)}"
         ),
         f"store: {', '.join(totals['urls'])}",
@@ -424,14 +421,14 @@ def summary_lines(totals: dict[str, Any], *, verbose: bool) -> list[str]:
     if totals["store_errors"]:
         lines.append(
             f"the cache store was unreachable ({', '.join(totals['down_urls'])}, "
-            f"{_count(totals['store_errors'], 'failed read or write', 'failed reads or writes')}): "
-            f"{_count(totals['without_store'], 'request')} went to the provider without it"
+            f"{plural(totals['store_errors'], 'failed read or write', 'failed reads or writes')}): "
+            f"{plural(totals['without_store'], 'request')} went to the provider without it"
         )
     replay = totals["replay_misses"]
     if replay:
         store_down = sum(1 for miss in replay if miss["store_down"])
         lines.append(
-            f"replay: {_count(len(replay), 'request')} could not be answered "
+            f"replay: {plural(len(replay), 'request')} could not be answered "
             f"({len(replay) - store_down} not cached, {store_down} with the store unreachable); "
             "their tests failed without calling the provider:"
         )
@@ -444,9 +441,8 @@ def summary_lines(totals: dict[str, Any], *, verbose: bool) -> list[str]:
     if missed and verbose:
         lines.append("tests that called the provider (cache misses):")
         lines.extend(
-            f"  {test['nodeid']}  {_count(test['misses'], 'miss', 'misses')} ({', '.join(test['models'])})"
-            for test in missed
+            f"  {test['nodeid']}  {plural(test['misses'], 'miss')} ({', '.join(test['models'])})" for test in missed
         )
     elif missed:
-        lines.append(f"{_count(len(missed), 'test')} called the provider (-v lists them)")
+        lines.append(f"{plural(len(missed), 'test')} called the provider (-v lists them)")
     return lines

@@ -14,6 +14,7 @@ from typing import Any
 
 from ..core.entry import CorruptEntry, Entry
 from ..formats import STORED_FORMATS_BY_NAME
+from ..formats.base import sse_events
 from ..runtime.ledger import PREFIX as LEDGER_PREFIX
 from ..runtime.ledger import read_records
 from ..stores.base import Store
@@ -118,11 +119,42 @@ def stats(store: Store, namespace: str | None = None, since: float | None = None
 # -- formatting ---------------------------------------------------------------------------------------------
 
 
+def money(value: float) -> str:
+    """Dollars, printed the one way every surface prints them.
+
+    Four decimals below a dollar, two from a dollar up; an amount too small to show is
+    ``<$0.0001``, never ``$0.0000`` (which would read as free); exactly nothing is ``$0.00``.
+    """
+    if value == 0:
+        return "$0.00"
+    if value < 0:
+        return "-" + money(-value)
+    if value < 0.00005:
+        return "<$0.0001"
+    if value < 0.99995:
+        return f"${value:.4f}"
+    return f"${value:,.2f}"
+
+
 def dollars(value: float | None, unpriced: int = 0) -> str:
+    """A sum of dollars that may be unknown: ``unpriced`` calls had no price, so they add "unknown", never $0."""
     if value is None or (value == 0 and unpriced):
         return "unknown" if unpriced else "$0.00"
-    text = f"${value:,.2f}" if value >= 1 or value == 0 else f"${value:.6f}".rstrip("0")
-    return text + (" + unknown" if unpriced else "")
+    return money(value) + (" + unknown" if unpriced else "")
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 answer``, ``2 answers``, ``0 misses``: a count with its noun in the right number."""
+    if count == 1:
+        return f"1 {word}"
+    if many is None:
+        if word.endswith(("s", "sh", "ch", "x")):
+            many = word + "es"
+        elif word.endswith("y") and word[-2:-1] not in ("a", "e", "o", "u"):
+            many = word[:-1] + "ies"
+        else:
+            many = word + "s"
+    return f"{count:,} {many}"
 
 
 def tokens(count: int) -> str:
@@ -188,7 +220,7 @@ def render_report(report: Report) -> str:
     unpriced = report.total.unpriced_spent + report.total.unpriced_saved
     if unpriced:
         note = (
-            f"\n{unpriced} calls used models without a price: their dollars are unknown, not $0 "
+            f"\n{plural(unpriced, 'call')} used models without a price: their dollars are unknown, not $0 "
             "(add them to a price file named by METRION_CACHE_PRICES)."
         )
     return table + note
@@ -244,31 +276,75 @@ def entries(store: Store, namespace: str | None = None) -> list[StoredEntry]:
     return found
 
 
-def render_entries(found: list[StoredEntry], now: float | None = None) -> str:
+@dataclass
+class KeyUse:
+    """What the ledger says about one stored answer's key: how often it was served, last used, by whom."""
+
+    hits: int = 0
+    last_used: float | None = None
+    source: str = ""
+    preview: str = ""
+
+
+def key_uses(records: Iterable[dict[str, Any]]) -> dict[tuple[str, str, str], KeyUse]:
+    """The ledger's records summed by (namespace, wire format, key), which names a stored answer in both modes."""
+    uses: dict[tuple[str, str, str], KeyUse] = {}
+    for record in records:
+        use = uses.setdefault(
+            (str(record.get("namespace")), str(record.get("wire_format")), str(record.get("key"))), KeyUse()
+        )
+        if record.get("status") == "HIT":
+            use.hits += 1
+        at = record.get("at")
+        if isinstance(at, (int, float)) and (use.last_used is None or at >= use.last_used):
+            use.last_used = at
+            # The newest call's source and preview (older records, or previews turned off, have none).
+            use.source = record.get("source") or use.source
+            use.preview = record.get("preview") or use.preview
+    return uses
+
+
+def use_of(stored: StoredEntry, uses: dict[tuple[str, str, str], KeyUse]) -> KeyUse:
+    return uses.get((stored.namespace, stored.entry.wire_format, stored.entry.key)) or KeyUse()
+
+
+def ago(then: float | None, now: float | None = None) -> str:
+    """How long ago, for people: ``3.0 min ago``; ``never`` for no time at all."""
+    if then is None:
+        return "never"
+    return duration(max(0.0, (time.time() if now is None else now) - then)) + " ago"
+
+
+def utc(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+def render_entries(found: list[StoredEntry], uses: dict[tuple[str, str, str], KeyUse], now: float | None = None) -> str:
     now = time.time() if now is None else now
     rows = []
     for stored in found:
-        info = stored.summary()
-        used = "-" if info["input_tokens"] is None else f"{info['input_tokens']:,} / {info['output_tokens'] or 0:,}"
+        info, use = stored.summary(), use_of(stored, uses)
+        # The prompt's first words when previews are kept, else where the call came from.
+        prompt = f'"{use.preview}"' if use.preview else use.source or "-"
         rows.append(
             [
-                info["key"][:16],
-                info["namespace"],
-                info["wire_format"],
-                "stream" if info["stream"] else "json",
+                info["key"][:12],
+                prompt,
                 info["model"],
-                f"{info['bytes']:,}",
+                "stream" if info["stream"] else "json",
+                str(use.hits),
+                ago(use.last_used, now),
                 duration(max(0.0, now - info["stored_at"])),
-                "-" if info["expires_in"] is None else duration(info["expires_in"]),
-                used,
+                "never" if info["expires_in"] is None else duration(info["expires_in"]),
+                f"{info['bytes']:,}",
             ]
         )
-    headers = ["key", "namespace", "format", "mode", "model", "bytes", "age", "expires in", "tokens in / out"]
-    return render_table(headers, rows, right=(5, 6, 7, 8))
+    headers = ["key", "prompt / source", "model", "mode", "hits", "last used", "age", "expires in", "bytes"]
+    return render_table(headers, rows, right=(4, 5, 6, 7, 8))
 
 
-def answer_text(entry: Entry) -> str:
-    """The stored answer as text: JSON pretty-printed, a stream as its events, protobuf as its JSON form."""
+def answer_body(entry: Entry) -> str:
+    """The stored answer as it was sent: JSON pretty-printed, a stream as its events, protobuf as its JSON form."""
     wire_format = STORED_FORMATS_BY_NAME.get(entry.wire_format)
     readable = wire_format.readable(entry.chunks, entry.stream) if wire_format is not None else None
     if readable is not None:
@@ -280,3 +356,34 @@ def answer_text(entry: Entry) -> str:
         return json.dumps(json.loads(raw), indent=2, ensure_ascii=False)
     except ValueError:
         return raw
+
+
+def answer_text(entry: Entry) -> str:
+    """The answer as a person reads it, whatever its format: a stream assembled, tool calls named.
+
+    The stored body itself (:func:`answer_body`) when the format cannot say (a damaged or foreign value).
+    """
+    wire_format = STORED_FORMATS_BY_NAME.get(entry.wire_format)
+    text = wire_format.answer_text(entry.chunks, entry.stream) if wire_format is not None else None
+    return answer_body(entry) if text is None else text
+
+
+def answer_json(entry: Entry) -> Any:
+    """The stored answer as JSON values: the body, a stream's events as ``{"event", "data"}``, protobuf's JSON form."""
+    wire_format = STORED_FORMATS_BY_NAME.get(entry.wire_format)
+    readable = wire_format.readable(entry.chunks, entry.stream) if wire_format is not None else None
+    if readable is not None:  # protobuf messages: one JSON document, or one per line for a stream
+        return [_json_or_text(line) for line in readable.splitlines()] if entry.stream else _json_or_text(readable)
+    if entry.stream:
+        try:
+            return [{"event": event, "data": _json_or_text(data)} for event, data in sse_events(list(entry.chunks))]
+        except ValueError:
+            pass
+    return _json_or_text(b"".join(entry.chunks).decode("utf-8", "replace"))
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
