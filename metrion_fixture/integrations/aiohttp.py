@@ -26,7 +26,7 @@ import functools
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -401,8 +401,8 @@ class _Stored:
 
     __slots__ = ("_chunks",)
 
-    def __init__(self, chunks: list[bytes]) -> None:
-        self._chunks = iter([chunk for chunk in chunks if chunk])
+    def __init__(self, chunks: Sequence[bytes]) -> None:
+        self._chunks = (chunk for chunk in chunks if chunk)  # not all copied before the first is sent
 
     async def pull(self) -> bytes:
         return next(self._chunks, b"")

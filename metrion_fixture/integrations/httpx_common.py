@@ -8,7 +8,7 @@ of library each.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -102,7 +102,7 @@ class Library:
 class _ChunkStream:
     """A stored answer, replayed chunk by chunk with its original boundaries."""
 
-    def __init__(self, chunks: list[bytes]) -> None:
+    def __init__(self, chunks: Sequence[bytes]) -> None:
         # Single pass, like a network stream: an SDK draining the rest after it stopped
         # reading must get the rest, not a second copy.
         self._remaining = iter(chunks)
