@@ -32,6 +32,7 @@ import sdk_calls
 from conftest import REDIS_URL
 
 from metrion_fixture.reporting.reports import stats
+from metrion_fixture.runtime.ledger import read_records
 from metrion_fixture.stores import open_store
 from metrion_fixture.testing.provider import SimulatedProvider
 
@@ -335,6 +336,32 @@ def test_an_unreachable_provider_is_a_502_in_its_shape(proxy):
 
     other = requests.get(proxy.url + "/down/v1/models", timeout=10)
     assert other.status_code == 502 and other.json()["error"]["type"] == "api_error"
+
+
+def test_an_unreachable_provider_is_recorded_in_stats_and_the_ledger(redis_url, namespace):
+    """The 502 is a call like any other failed one: counted and in the ledger, with its status and key."""
+    down = f"down=http://127.0.0.1:{closed_port()}"
+    server = Proxy("--url", redis_url, "--namespace", namespace, "--upstream", down)
+    try:
+        opted_in = post(server, "/down/v1/messages", anthropic_body(unique()), ON)
+        passed = post(server, "/down/v1/messages", anthropic_body(unique()))
+        assert [opted_in.status_code, passed.status_code] == [502, 502]
+        # The response says what the ledger says: the call missed (or bypassed) and reached no provider.
+        assert [opted_in.headers["x-metrion-cache"], passed.headers["x-metrion-cache"]] == ["MISS", "BYPASS"]
+        assert opted_in.headers["x-metrion-cache-key"] != passed.headers["x-metrion-cache-key"]
+    finally:
+        server.stop()  # a clean stop writes the ledger
+    try:
+        records = read_records(open_store(redis_url), namespace)
+        assert sorted((r["status"], r["http_status"]) for r in records) == [("BYPASS", 502), ("MISS", 502)]
+        assert {r["key"] for r in records} == {
+            opted_in.headers["x-metrion-cache-key"],
+            passed.headers["x-metrion-cache-key"],
+        }
+        totals = stats(open_store(redis_url), namespace).total
+        assert (totals.misses, totals.bypassed) == (1, 1)
+    finally:
+        cleanup(namespace)
 
 
 def test_a_broken_store_never_fails_a_request(_provider_server, provider):

@@ -29,7 +29,7 @@ import httpx2
 
 from ..core.directives import MODE_HEADER
 from ..core.engine import Reply
-from ..core.flow import Answer
+from ..core.flow import Answer, PassThrough
 from ..core.options import mask_password
 from ..errors import MetrionCacheError
 from ..formats import wire_format_for
@@ -206,14 +206,6 @@ class ProxyApp:
             outcome = await adrive(self.session, flow, upstream)
         except _ClientGone:
             return
-        except httpx2.TransportError as error:
-            status = 504 if isinstance(error, httpx2.TimeoutException) else 502
-            message = (
-                f"metrion proxy: could not reach the provider at {base} ({type(error).__name__}: {error}); "
-                "check that it is up and that this machine can reach it"
-            )
-            log.warning("%s %s: %s", method, _masked(url), message)
-            return await _send_error(send, status, message, method, path, "api_error", retry=True)
         except httpx2.InvalidURL as error:
             message = f"metrion proxy: cannot forward to {_masked(url)!r}: {error}"
             return await _send_error(send, 400, message, method, path, "invalid_request_error")
@@ -223,6 +215,15 @@ class ProxyApp:
             return await _send_error(send, 500, message, method, path, "api_error", retry=True)
         if isinstance(outcome, Answer):  # a hit or the cache's own error: no httpx2 objects at all
             return await _send_reply(send, outcome.reply)
+        if upstream.unreachable is not None and isinstance(outcome, PassThrough):  # a 502 always passes through
+            failure = upstream.unreachable
+            message = (
+                f"metrion proxy: could not reach the provider at {base} ({type(failure).__name__}: {failure}); "
+                "check that it is up and that this machine can reach it"
+            )
+            log.warning("%s %s: %s", method, _masked(url), message)
+            tags = [(_encoded(name), _encoded(value)) for name, value in outcome.tags]
+            return await _send_error(send, upstream.status, message, method, path, "api_error", retry=True, tags=tags)
 
         # The provider's answer, as the httpx2 adapter would hand it to an SDK (its tee stream included).
         response = LIBRARY.respond(outcome, upstream.response, upstream.request, self.session, LIBRARY.async_tee_stream)
@@ -299,7 +300,7 @@ _DROPPED_BYTES = frozenset(name.encode() for name in _RESPONSE_DROPPED)
 class _Upstream:
     """The provider side of one request, for the async driver; the httpx2 request is built only if it is sent."""
 
-    __slots__ = ("transport", "method", "url", "headers", "content", "request", "response")
+    __slots__ = ("transport", "method", "url", "headers", "content", "request", "response", "status", "unreachable")
 
     def __init__(
         self,
@@ -312,6 +313,10 @@ class _Upstream:
         self.transport, self.method, self.url, self.headers, self.content = transport, method, url, headers, content
         self.request: httpx2.Request | None = None
         self.response: httpx2.Response | None = None
+        self.status = 0
+        # The provider could not be reached: the flow sees the gateway status this proxy answers
+        # (502, or 504 on a timeout), so the call is recorded like any other failed answer.
+        self.unreachable: httpx2.TransportError | None = None
 
     async def read_request(self) -> bytes:
         if not isinstance(self.content, bytes):
@@ -324,7 +329,12 @@ class _Upstream:
         self.request = request = httpx2.Request(
             self.method, self.url, headers=headers, content=self.content, extensions=_EXTENSIONS
         )
-        self.response = response = await self.transport.handle_async_request(request)
+        try:
+            self.response = response = await self.transport.handle_async_request(request)
+        except httpx2.TransportError as error:
+            self.unreachable = error
+            self.status = 504 if isinstance(error, httpx2.TimeoutException) else 502
+            return self.status, []
         return response.status_code, response.headers.multi_items()
 
     async def read_body(self) -> bytes:
@@ -397,16 +407,28 @@ async def _send_json(send: Send, status: int, body: Any, extra: Iterable[tuple[b
 
 
 async def _send_error(
-    send: Send, status: int, message: str, method: str, path: str, kind: str, *, retry: bool = False
+    send: Send,
+    status: int,
+    message: str,
+    method: str,
+    path: str,
+    kind: str,
+    *,
+    retry: bool = False,
+    tags: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    """The proxy's own error: in the provider's shape when the path is one of its LLM endpoints."""
+    """The proxy's own error: in the provider's shape when the path is one of its LLM endpoints.
+
+    ``tags``: the cache's headers of a call the core has recorded (its status and key), in place
+    of ``x-metrion-cache: ERROR``.
+    """
     wire_format = wire_format_for(method, path) if method else None
     body = (
         wire_format.error_body(status, message)
         if wire_format is not None
         else {"type": "error", "error": {"type": kind, "message": message}}
     )
-    extra = [(MODE_HEADER.encode(), b"ERROR")] if status >= 500 else []
+    extra = tags if tags is not None else [(MODE_HEADER.encode(), b"ERROR")] if status >= 500 else []
     await _send_json(send, status, body, extra if retry else [*extra, _NO_RETRY])
 
 
