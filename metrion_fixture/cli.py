@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         imports.add_argument(
             option.flag,
             dest=option.name,
-            metavar=option.spec.metavar,
+            **option.flag_arguments,
             help=option.spec.help + (f"; env: {env}" if env else ""),
         )
     add_ledger_commands(commands)
@@ -94,7 +94,9 @@ def add_ledger_commands(commands: Any) -> None:
     stats = commands.add_parser("stats", help="requests, hit rate, tokens and dollars spent and saved, time saved")
     common(stats)
     stats.add_argument("--since", help="only calls in this last period, e.g. 7d, 12h, 90m (default: the whole ledger)")
-    stats.add_argument("--by", choices=GROUPINGS, help="one row per model, provider, day or namespace")
+    stats.add_argument(
+        "--by", choices=GROUPINGS, help="one row per model, provider, day, namespace or source (test, cell, script)"
+    )
     listing = commands.add_parser("ls", help="the stored answers")
     common(listing)
     listing.add_argument("--model", help="only answers of this model")
@@ -364,7 +366,7 @@ def add_serve_command(commands: Any) -> None:
                 "store), refresh (call the provider, replace the entry), replay (read only, never call the provider)"
             )
         serve.add_argument(
-            option.flag, dest=option.name, metavar=option.spec.metavar, help=text + (f"; env: {env}" if env else "")
+            option.flag, dest=option.name, **option.flag_arguments, help=text + (f"; env: {env}" if env else "")
         )
 
 

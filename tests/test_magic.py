@@ -406,3 +406,32 @@ def test_importing_the_package_does_not_import_ipython():
     """Scripts and test suites that import metrion_fixture do not pay for IPython."""
     code = "import sys, metrion_fixture; assert 'IPython' not in sys.modules, 'IPython imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_each_cells_calls_name_the_cell_even_under_one_enabled_session(ip, provider):
+    """Records say which cell made them ("ipython cell 7"; in Jupyter the notebook's name); a given source wins."""
+    assert run(ip, "%metrion_cache on --url $STORE --namespace $NS").success
+    first = run(ip, "call('openai', URL)").execution_count
+    run(ip, "call('openai', URL, messages=OTHER_QUESTION)")
+    calls = enabled_session().calls
+    assert [record.source for record in calls] == [f"ipython cell {first}", f"ipython cell {first + 1}"]
+    ip.user_ns["active_session"] = active_session
+    run(
+        ip,
+        "%%metrion_cache --url $STORE --namespace $NS --source faq-eval\ncall('openai', URL)\ninside = active_session()",
+    )
+    assert [record.source for record in ip.user_ns["inside"].calls] == ["faq-eval"]
+    run(ip, "%metrion_cache off")
+
+
+def test_a_notebooks_name_comes_from_the_front_end(ip, monkeypatch):
+    from metrion_fixture.runtime import sources
+
+    monkeypatch.setenv("JPY_SESSION_NAME", "/home/ana/work/churn-analysis.ipynb")
+    number = ip.displayhook.prompt_count
+    assert sources.cell_name(ip) == f"churn-analysis.ipynb cell {number}"
+    ip.user_ns["__vsc_ipynb_file__"] = "/repo/notebooks/eval.ipynb"
+    try:
+        assert sources.cell_name(ip) == f"eval.ipynb cell {number}"
+    finally:
+        del ip.user_ns["__vsc_ipynb_file__"]

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ..formats import Usage, WireFormat
+from ..formats import Prompt, Usage, WireFormat
 from .directives import (
     DEFAULT_MAX_ENTRY_BYTES,
     DEFAULT_NAMESPACE,
@@ -86,6 +86,7 @@ class Settings:
     scope: str = "shared"  # or "credential": entries private to the API key that paid for them
     # How long a miss waits for an identical request already asking the provider (0: never waits).
     single_flight_wait: float = DEFAULT_SINGLE_FLIGHT_WAIT
+    store_previews: bool = False  # keep the start of the last user message in call records
 
     @classmethod
     def from_options(cls, options: CacheOptions) -> Settings:
@@ -96,6 +97,7 @@ class Settings:
             max_entry_bytes=options.max_entry_bytes,
             scope=options.scope,
             single_flight_wait=options.single_flight_wait,
+            store_previews=options.store_previews,
         )
 
     @classmethod
@@ -136,6 +138,7 @@ class Plan:
     strip: tuple[str, ...] = (MODE_HEADER,)  # request headers the provider must not see
     error: Reply | None = None
     shape: dict[str, Any] | None = None  # request options that shape a converted answer (Prompt.shape)
+    preview: str = ""  # the start of the last user message, with Settings.store_previews only
 
 
 def storage_key(namespace: str, wire_format: str, variant: str, key: str) -> str:
@@ -218,6 +221,8 @@ def _plan(
         query,
         strip=strip,
         shape=prompt.shape,
+        # Once per plan (plans are memoized): the same request again costs nothing more.
+        preview=wire_format.preview(prompt) if settings.store_previews else "",
     )
     try:
         header_mode = parse_header_mode(mode_value)
@@ -274,7 +279,8 @@ def plan_prompt(
     gives a plan with ``outcome=ERROR`` and ``error`` set. ``credentials`` are the call's
     credential headers, for ``scope="credential"``.
     """
-    base = _located(settings, wire_format, model, messages, stream, credentials or {})
+    preview = wire_format.preview(Prompt(model, messages, stream)) if settings.store_previews else ""
+    base = _located(settings, wire_format, model, messages, stream, credentials or {}, preview=preview)
     try:
         mode = parse_header_mode(header_mode)
     except DirectiveError as error:

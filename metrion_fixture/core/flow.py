@@ -226,10 +226,11 @@ class CacheCore:
 
     ``plans`` and ``entries`` remember recent plans and decoded entries (the runtime shares
     one of each per process); ``clock``, ``new_token`` and ``pricing`` are injected so tests
-    can fix them.
+    can fix them. ``source`` names where the calls come from in their records: the runtime sets
+    it when that changes (a new test, a new cell), never per call.
     """
 
-    __slots__ = ("settings", "clock", "plans", "entries", "new_token", "pricing")
+    __slots__ = ("settings", "clock", "plans", "entries", "new_token", "pricing", "source")
 
     def __init__(
         self,
@@ -240,9 +241,10 @@ class CacheCore:
         entries: RecentEntries | None = None,
         new_token: Callable[[], str] = lambda: uuid.uuid4().hex,
         pricing: Pricing = NO_PRICES,
+        source: str = "",
     ) -> None:
         self.settings, self.clock, self.plans, self.entries = settings, clock, plans, entries
-        self.new_token, self.pricing = new_token, pricing
+        self.new_token, self.pricing, self.source = new_token, pricing, source
 
     def with_settings(self, settings: Settings) -> CacheCore:
         return CacheCore(
@@ -252,6 +254,7 @@ class CacheCore:
             entries=self.entries,
             new_token=self.new_token,
             pricing=self.pricing,
+            source=self.source,
         )
 
     def exchange(
@@ -477,6 +480,8 @@ class CacheCore:
             saved_seconds=hit.provider_seconds if hit is not None else 0.0,
             at=self.clock.wall(),
             provider=pricing.provider_of(model, plan.wire_format.provider),
+            source=self.source,
+            preview=plan.preview,
             **spending,
         )
         return record

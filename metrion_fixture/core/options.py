@@ -47,6 +47,8 @@ __all__ = [
     "RETENTION_ENV",
     "SCOPE_ENV",
     "SOURCES",
+    "SOURCE_ENV",
+    "STORE_PREVIEWS_ENV",
     "URL_ENV",
     "CacheOptionValues",
     "CacheOptions",
@@ -67,6 +69,9 @@ __all__ = [
 URL_ENV = "METRION_CACHE_URL"
 MODE_ENV = "METRION_CACHE_MODE"
 RETENTION_ENV = "METRION_CACHE_LEDGER_RETENTION"
+SOURCE_ENV = "METRION_CACHE_SOURCE"
+STORE_PREVIEWS_ENV = "METRION_CACHE_STORE_PREVIEWS"
+MAX_SOURCE_CHARS = 200
 DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600
 MAX_SINGLE_FLIGHT_WAIT = 3600.0
 MAX_RECORDS_LIMIT = 1_000_000_000  # a deque needs a machine-size bound; this is far beyond any memory anyway
@@ -105,6 +110,8 @@ class OptionSpec:
     # A blank string is "not given" even from Python: url="" and scope="" have always meant the
     # environment's value, else the default (``enable(url=os.environ.get("MY_URL", ""))``).
     blank_is_unset: bool = False
+    # For a yes/no option: the value its flag means when given alone (``--store-previews``).
+    flag_alone: str | None = None
 
 
 def _option(default: Any, **spec: Any) -> Any:
@@ -166,6 +173,34 @@ def _check_retention(value: object) -> int:
             f"invalid ledger_retention {value!r}; use a duration like 30d, 12h or 3600 (seconds), "
             "or 0 to keep no ledger"
         ) from None
+
+
+def _check_source(value: object) -> str:
+    text = value.strip() if isinstance(value, str) else None
+    if not text or len(text) > MAX_SOURCE_CHARS or not text.isprintable():
+        raise MetrionCacheError(
+            f"invalid source {value!r}; use a name of 1 to {MAX_SOURCE_CHARS} printable characters on one line "
+            "(such as 'nightly-eval'), or leave it out to name the pytest test, notebook cell or script"
+        )
+    return text
+
+
+_YES = ("1", "true", "yes", "on")
+_NO = ("0", "false", "no", "off")
+
+
+def _yes_no_from_text(text: str) -> object:
+    """Text to a boolean; other text is handed on as it is, for the check to refuse."""
+    lowered = text.strip().lower()
+    return True if lowered in _YES else False if lowered in _NO else text
+
+
+def _check_store_previews(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise MetrionCacheError(
+            f"invalid store_previews {value!r}; use True or False (as text: {', '.join(_YES)} / {', '.join(_NO)})"
+        )
+    return value
 
 
 _check_max_entry_bytes = _number_checker(
@@ -284,6 +319,25 @@ class CacheOptions:
         help="how long the call ledger in the store keeps each batch: a duration like 30d, 12h or seconds "
         "(default 30d; 0 keeps no ledger)",
     )
+    source: str | None = _option(
+        None,
+        check=_check_source,
+        metavar="NAME",
+        env=SOURCE_ENV,
+        blank_is_unset=True,
+        help="where the calls come from, in the ledger and `metrion-cache stats --by source` (default: the "
+        "pytest test's node id, the notebook and cell, or the script's name)",
+    )
+    store_previews: bool = _option(
+        False,
+        check=_check_store_previews,
+        from_text=_yes_no_from_text,
+        metavar="BOOL",
+        env=STORE_PREVIEWS_ENV,
+        flag_alone="true",
+        help="keep the first 60 characters of each call's last user message in the ledger, for `metrion-cache "
+        "ls` and the dashboard (default false: prompts may be private)",
+    )
 
     def __post_init__(self) -> None:
         for option in OPTIONS:
@@ -324,6 +378,8 @@ class CacheOptionValues(TypedDict, total=False):
     store_cooldown: float | None
     single_flight_wait: float | None
     ledger_retention: int | str | None
+    source: str | None
+    store_previews: bool | None
 
 
 @dataclass(frozen=True)
@@ -338,6 +394,13 @@ class Option:
     def flag(self) -> str:
         """The magic's and the CLI's flag."""
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def flag_arguments(self) -> dict[str, Any]:
+        """How an argparse surface (the CLI, the magic, pytest) adds the option's flag, besides its name."""
+        if self.spec.flag_alone is None:
+            return {"metavar": self.spec.metavar}
+        return {"metavar": self.spec.metavar, "nargs": "?", "const": self.spec.flag_alone}
 
     @property
     def pytest_flag(self) -> str:

@@ -37,6 +37,11 @@ class CallRecord:
     saved_input_tokens: int = 0
     saved_output_tokens: int = 0
     saved_usd: float | None = None
+    # Where the call came from: a pytest node id, "notebook.ipynb cell 3", a script's name, or what
+    # the caller named it (``enable(source=...)``). Empty for records written before sources existed.
+    source: str = ""
+    # The start of the last user message, kept only with ``store_previews`` on (prompts may be private).
+    preview: str = ""
 
 
 @dataclass(frozen=True)

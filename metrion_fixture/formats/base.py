@@ -44,6 +44,10 @@ class WireFormat:
         """Model, messages and streaming of a parsed JSON body, or None if not cacheable."""
         raise NotImplementedError
 
+    def preview(self, prompt: Prompt) -> str:
+        """The start of the last user message's text, on one line ("" if it has none): what ``ls`` shows."""
+        return last_user_text(prompt.messages)
+
     def stream_event(self, event: str | None, data: str) -> str | None:
         """Classify one server-sent event: "end" (the terminator), "error", or None."""
         raise NotImplementedError
@@ -114,6 +118,39 @@ def chat_prompt(body: Any, system: Any = None) -> tuple[str, list[Any]] | None:
     if system is not None:
         messages = [{"role": "system", "content": system}, *messages]
     return model, messages
+
+
+PREVIEW_CHARS = 60
+
+
+def last_user_text(messages: Sequence[Any], user_roles: tuple[Any, ...] = ("user",)) -> str:
+    """The first ``PREVIEW_CHARS`` characters of the last user message that has text, spaces collapsed.
+
+    A message's text is its ``content`` when a string, else the ``text`` of its content parts
+    (OpenAI, Anthropic, Responses) or of its ``parts`` (Gemini). Images, tool results and other
+    parts are not text and are left out.
+    """
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") not in user_roles:
+            continue
+        text = " ".join(_texts(message.get("content", message.get("parts")))).split()
+        if text:
+            return " ".join(text)[:PREVIEW_CHARS]
+    return ""
+
+
+def _texts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if not isinstance(content, list):
+        return []
+    found = []
+    for part in content:
+        if isinstance(part, str):
+            found.append(part)
+        elif isinstance(part, dict) and isinstance(part.get("text"), str):
+            found.append(part["text"])
+    return found
 
 
 class ChunkWatcher:

@@ -20,6 +20,7 @@ from .base import (
     json_error_field,
     json_object,
     json_payloads,
+    last_user_text,
     number,
     sse,
     sse_events,
@@ -59,6 +60,9 @@ class Gemini(WireFormat):
         system = body.get("systemInstruction", body.get("system_instruction"))
         messages = contents if system is None else [{"role": "system", "content": system}, *contents]
         return Prompt(found[0], messages, found[1])
+
+    def preview(self, prompt: Prompt) -> str:
+        return last_user_text(prompt.messages, ("user", None))  # a content without a role is the user's
 
     def stream_event(self, event: str | None, data: str) -> str | None:
         if event == "error" or json_error_field(data):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import ChunkWatcher, Usage, WireFormat
+from .base import ChunkWatcher, Prompt, Usage, WireFormat, last_user_text
 
 SERVICE = "/xai_api.Chat/"
 # The chat methods the cache serves, and whether they stream.
@@ -29,6 +29,9 @@ class XaiGrpc(WireFormat):
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         return {"code": status, "error": message}
+
+    def preview(self, prompt: Prompt) -> str:
+        return last_user_text(prompt.messages, ("ROLE_USER",))  # the messages in protobuf's JSON form
 
     def stream_watcher(self) -> ChunkWatcher:
         # Chunks are serialized protobuf messages: no event in them says the stream ended or failed.

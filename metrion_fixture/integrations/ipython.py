@@ -34,6 +34,7 @@ from ..core.options import OPTIONS, CacheOptions, InvalidOption, environment_lay
 from ..core.stats import Ledger
 from ..errors import MetrionCacheError
 from ..reporting.reports import money
+from ..runtime import sources
 from ..runtime.activation import active_session, enabled_session
 from ..runtime.session import CacheSession
 
@@ -58,7 +59,7 @@ def _option_arguments(magic: Any) -> Any:
         magic = argument(
             option.flag,
             dest=option.name,
-            metavar=option.spec.metavar,
+            **option.flag_arguments,
             help=option.spec.help + (f"; env: {env}" if env else ""),
         )(magic)
     return magic
@@ -518,6 +519,7 @@ _EVENTS = ("pre_run_cell", "post_run_cell", "post_execute")
 
 
 def load_ipython_extension(ipython: Any) -> None:
+    sources.follow_cells(ipython)  # call records name the cell they came from
     magics = MetrionCacheMagics(ipython)
     ipython.register_magics(magics)
     for event in _EVENTS:

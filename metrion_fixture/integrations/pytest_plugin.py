@@ -72,7 +72,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         group.addoption(
             option.pytest_flag,
             dest=_dest(option),
-            metavar=option.spec.metavar,
+            **option.flag_arguments,
             default=None,
             help=f"{option.spec.help}. ini: {option.ini}{env}",
         )
@@ -160,12 +160,15 @@ class _State:
             problem = f"metrion cache: {error}"
         pytest.fail(problem, pytrace=False)  # outside the except block: no chained traceback
 
-    def open_session(self, resolved: ResolvedOptions) -> CacheSession:
+    def open_session(self, resolved: ResolvedOptions, nodeid: str = "") -> CacheSession:
         from ..runtime.session import CacheSession
 
+        options = resolved.options
+        if options.source is None and nodeid:
+            options = options.replace(source=nodeid)  # the test's records name it; a given source wins
         problem = None
         try:
-            session = CacheSession(options=resolved.options)
+            session = CacheSession(options=options)
         except MetrionCacheError as error:  # an unsupported store URL: only opening the store tells
             problem = f"metrion cache: {resolved.origin('url').where or 'url'}: {error}"
         if problem is not None:
@@ -280,7 +283,7 @@ def metrion_cache(request: pytest.FixtureRequest) -> Iterator[CacheSession]:
 
     state = request.config.stash[_STATE]
     resolved = state.options_for(request.node)
-    session = state.open_session(resolved)
+    session = state.open_session(resolved, request.node.nodeid)
     request.node.stash[_ACTIVE] = (session, resolved)
     try:
         with covering_process(session):
@@ -298,6 +301,18 @@ def _metrion_cache_autouse(request: pytest.FixtureRequest) -> None:
         return
     if state.all_tests or FIXTURE in request.fixturenames or request.node.get_closest_marker(MARKER) is not None:
         request.getfixturevalue(FIXTURE)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """Sessions that outlive a test (``enable()`` in the code under test) name the running test in their records."""
+    from ..runtime import sources
+
+    sources.enter(item.nodeid)
+    try:
+        return (yield)
+    finally:
+        sources.leave(item.nodeid)
 
 
 # --- replay misses: the test fails, and says how to record --------------------------------------

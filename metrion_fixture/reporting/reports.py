@@ -19,7 +19,7 @@ from ..runtime.ledger import PREFIX as LEDGER_PREFIX
 from ..runtime.ledger import read_records
 from ..stores.base import Store
 
-GROUPINGS = ("model", "provider", "day", "namespace")
+GROUPINGS = ("model", "provider", "day", "namespace", "source")
 
 
 @dataclass

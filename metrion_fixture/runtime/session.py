@@ -15,6 +15,7 @@ from ..core.stats import CallRecord, Ledger, Stats
 from ..reporting import prices
 from ..stores import default_store_url, open_store
 from ..stores.base import Store
+from . import sources
 from ._async.store_calls import AsyncStoreCalls
 from ._sync.store_calls import StoreCalls
 from .ledger import StoredLedger
@@ -71,6 +72,16 @@ class CacheSession:
             allow=lambda: self.breaker.state == "closed",
         )
         self._start_runtime()
+        if chosen.source is None:
+            self.core.source = sources.detect()
+            sources.follow(self)
+        else:
+            self.core.source = chosen.source
+
+    @property
+    def source(self) -> str:
+        """Where this session's calls come from: the ``source`` option, else the test, cell or script."""
+        return self.core.source
 
     @property
     def single_flight_wait(self) -> float:

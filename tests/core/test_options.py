@@ -33,7 +33,9 @@ from metrion_fixture.core.options import (
     OPTIONS,
     RETENTION_ENV,
     SCOPE_ENV,
+    SOURCE_ENV,
     SOURCES,
+    STORE_PREVIEWS_ENV,
     URL_ENV,
     CacheOptions,
     CacheOptionValues,
@@ -70,6 +72,8 @@ SAMPLES: dict[str, tuple[Any, str, Any]] = {
     "store_cooldown": (2.5, "2.5", 2.5),
     "single_flight_wait": (1.5, "1.5", 1.5),
     "ledger_retention": ("12h", "12h", 43200),
+    "source": ("nightly-eval", "nightly-eval", "nightly-eval"),
+    "store_previews": (True, "true", True),
 }
 PYTHON_VALUES = {name: sample[0] for name, sample in SAMPLES.items()}
 TEXT_VALUES = {name: sample[1] for name, sample in SAMPLES.items()}
@@ -115,6 +119,8 @@ def test_the_defaults():
         "store_cooldown": 10.0,
         "single_flight_wait": 30.0,
         "ledger_retention": 30 * 86400,
+        "source": None,
+        "store_previews": False,
     }
 
 
@@ -143,6 +149,9 @@ def test_none_means_the_default():
         ("ledger_retention", "12h", 43200),
         ("ledger_retention", "0", 0),
         ("ledger_retention", 0, 0),
+        ("source", " nightly eval ", "nightly eval"),
+        ("source", "  ", None),
+        ("store_previews", False, False),
     ],
 )
 def test_values_are_normalized(name, given, expected):
@@ -162,6 +171,8 @@ BAD_VALUES = {
     "store_cooldown": ([-1, -0.5, "soon", "10"], "cool-down"),
     "single_flight_wait": ([-1, 3601, "soon", "1"], "invalid single_flight_wait"),
     "ledger_retention": (["soon", -1, 1.5, "-1"], "invalid ledger_retention"),
+    "source": (["two\nlines", "x" * 201, 5, ["a"]], "invalid source"),
+    "store_previews": (["maybe", 1, "true", 0.0], "invalid store_previews"),
 }
 
 
@@ -211,9 +222,9 @@ def test_nan_and_infinities_are_refused_as_text_too(name, text):
 
 
 @pytest.mark.parametrize("value", [True, False])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [name for name in NAMES if name != "store_previews"])
 def test_booleans_are_refused_for_every_option(name, value):
-    """True is an int to Python, never a TTL, a size or a mode here."""
+    """True is an int to Python, never a TTL, a size or a mode here (only store_previews is a yes/no)."""
     with pytest.raises(InvalidOption):
         CacheOptions(**{name: value})
 
@@ -352,21 +363,38 @@ def test_unknown_names_and_sources_are_refused():
         Layer("somewhere", {})
 
 
+@pytest.mark.parametrize(("text", "expected"), [("1", True), ("Yes", True), ("on", True), ("0", False), ("off", False)])
+def test_store_previews_reads_yes_and_no_as_text(text, expected):
+    assert resolve(flag_layer({"store_previews": text})).options.store_previews is expected
+    with pytest.raises(
+        InvalidOption, match=r"^--store-previews: invalid store_previews 'maybe'; use True or False \(as text: 1, "
+    ):
+        resolve(flag_layer({"store_previews": "maybe"}))
+
+
+def test_a_yes_no_flag_given_alone_means_yes():
+    """--store-previews alone turns previews on; --store-previews false spells the default."""
+    assert OPTION["store_previews"].flag_arguments == {"metavar": "BOOL", "nargs": "?", "const": "true"}
+    assert OPTION["ttl"].flag_arguments == {"metavar": "SECONDS"}
+
+
 # -- the environment variables -----------------------------------------------------------------------
 
 
 def test_each_environment_variable_is_defined_once():
     """One name each, in core.options; the old places import it (the ledger's copy must agree)."""
-    assert (URL_ENV, MODE_ENV, SCOPE_ENV, RETENTION_ENV) == (
+    assert (URL_ENV, MODE_ENV, SCOPE_ENV, RETENTION_ENV, SOURCE_ENV, STORE_PREVIEWS_ENV) == (
         "METRION_CACHE_URL",
         "METRION_CACHE_MODE",
         "METRION_CACHE_SCOPE",
         "METRION_CACHE_LEDGER_RETENTION",
+        "METRION_CACHE_SOURCE",
+        "METRION_CACHE_STORE_PREVIEWS",
     )
     assert scope_module.SCOPE_ENV is SCOPE_ENV
     assert session_module.URL_ENV is URL_ENV and plugin.URL_ENV is URL_ENV and plugin.MODE_ENV is MODE_ENV
     assert ledger.RETENTION_ENV == RETENTION_ENV and ledger.DEFAULT_RETENTION_SECONDS == DEFAULT_RETENTION_SECONDS
-    assert sorted(ENV_NAMES) == sorted((URL_ENV, MODE_ENV, SCOPE_ENV, RETENTION_ENV))
+    assert sorted(ENV_NAMES) == sorted((URL_ENV, MODE_ENV, SCOPE_ENV, RETENTION_ENV, SOURCE_ENV, STORE_PREVIEWS_ENV))
 
 
 def test_every_environment_variable_is_read():
@@ -627,7 +655,10 @@ def test_the_magic_refuses_nan_naming_the_flag(ip, capsys):  # noqa: F811
 def test_the_magic_help_lists_every_option(ip, capsys):  # noqa: F811
     run(ip, "%metrion_cache?")
     out = capsys.readouterr().out
-    assert all(f"{OPTION[name].flag} {OPTION[name].spec.metavar}" in out for name in NAMES)
+    for name in NAMES:
+        metavar = OPTION[name].spec.metavar
+        shown = f"[{metavar}]" if OPTION[name].spec.flag_alone else metavar  # a yes/no flag may stand alone
+        assert f"{OPTION[name].flag} {shown}" in out
 
 
 # -- the CLI ----------------------------------------------------------------------------------------------
