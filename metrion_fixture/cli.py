@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
     add_ledger_commands(commands)
     add_serve_command(commands)
+    add_dashboard_commands(commands)
     return parser
 
 
@@ -390,6 +391,67 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- dashboard, report ----------------------------------------------------------------------------------------
+
+
+def add_dashboard_commands(commands: Any) -> None:
+    store_help = "cache store URL (default: METRION_CACHE_URL, else .metrion_cache/cache.sqlite3)"
+    board = commands.add_parser(
+        "dashboard", help="a local web page of the calls (Logs) and what the cache saved (Savings)"
+    )
+    board.add_argument("--url", help=store_help)
+    board.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --token)"
+    )
+    board.add_argument("--port", type=int, default=8788, help="port to listen on (default 8788)")
+    board.add_argument(
+        "--token", help="require this token: open the page as /_metrion/?token=TOKEN (env: METRION_PROXY_TOKEN)"
+    )
+    report = commands.add_parser("report", help="the dashboard's Logs and Savings as one self-contained HTML file")
+    report.add_argument("--url", help=store_help)
+    report.add_argument("--namespace", help="only this namespace (default: every namespace in the store)")
+    report.add_argument("--html", required=True, metavar="FILE", help="write the report to FILE")
+    report.add_argument("--period", default="30d", help="today, 7d, 30d, all, or a duration like 12h (default 30d)")
+
+
+def dashboard_command(args: argparse.Namespace, store: Store) -> int:
+    try:
+        import uvicorn
+
+        from .integrations.dashboard import PREFIX, DashboardApp
+        from .integrations.server import TOKEN_ENV, check_bind
+    except ImportError:
+        print("metrion-cache dashboard needs uvicorn: pip install 'metrion-fixture[proxy]'", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    check_bind(args.host, token)  # the proxy's rule: beyond this machine only with a token
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"metrion cache dashboard on http://{shown}:{args.port}{PREFIX}{'?token=TOKEN' if token else ''} "
+        f"(store {mask_password(store.url)}; Ctrl+C stops it)",
+        file=sys.stderr,
+        flush=True,
+    )
+    app = DashboardApp(store, token=token)
+    uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", ws="none")).run()
+    return 0
+
+
+def report_command(args: argparse.Namespace, store: Store) -> int:
+    from .reporting.dashboard import render_page, report_data
+
+    data = report_data(store, args.period, args.namespace)
+    with open(args.html, "w", encoding="utf-8") as file:
+        file.write(render_page(data))
+    text = data["savings"]["text"]
+    calls = data["savings"]["totals"]["requests"]
+    print(
+        f"metrion cache: wrote {args.html} ({data['savings']['label'].lower()}: {calls} calls, "
+        f"hit rate {text['hit_rate']}, saved {text['saved_usd']})"
+    )
+    return 0
+
+
 def import_cassettes_command(args: argparse.Namespace) -> int:
     try:
         import vcr  # noqa: F401
@@ -467,6 +529,8 @@ LEDGER_COMMANDS: dict[str, Callable[[argparse.Namespace, Store], int]] = {
     "ls": ls_command,
     "show": show_command,
     "purge": purge_command,
+    "dashboard": dashboard_command,
+    "report": report_command,
 }
 
 

@@ -35,6 +35,8 @@ from ..errors import MetrionCacheError
 from ..formats import wire_format_for
 from ..runtime._async.driver import drive as adrive
 from ..runtime.session import CacheSession
+from .dashboard import PREFIX as DASHBOARD_PREFIX
+from .dashboard import DashboardApp
 from .httpx2 import LIBRARY
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "TOKEN_ENV",
     "TOKEN_HEADER",
     "ProxyApp",
+    "check_bind",
     "is_loopback",
     "parse_upstreams",
     "serve",
@@ -73,6 +76,8 @@ UPSTREAM_TIMEOUT = {"connect": 10.0, "read": 900.0, "write": 900.0, "pool": 900.
 LEDGER_FLUSH_SECONDS = 300.0
 
 _TOKEN = TOKEN_HEADER.encode()
+_DASHBOARD = DASHBOARD_PREFIX.encode()
+_HEALTH = HEALTH_PATH.encode()
 # Hop-by-hop (RFC 9110 7.6.1), or answered here: they describe the client's connection to us.
 # The client's accept-encoding is replaced by identity (below); its content-length stays, since
 # the body is forwarded byte for byte.
@@ -110,7 +115,8 @@ _RESPONSE_DROPPED = frozenset(
 _JSON = [(b"content-type", b"application/json")]
 _NO_RETRY = (b"x-should-retry", b"false")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
-_KEY_IN_QUERY = re.compile(r"([?&](?:key|api[-_]key)=)[^&\s]*", re.IGNORECASE)
+# Gemini's ?key=, and the dashboard's ?token= (a browser's first visit cannot send the header).
+_KEY_IN_QUERY = re.compile(r"([?&](?:key|api[-_]key|token)=)[^&\s]*", re.IGNORECASE)
 
 log = logging.getLogger("metrion_fixture.proxy")
 
@@ -148,6 +154,7 @@ class ProxyApp:
         # every user of the proxy, and follow redirects that the user's SDK should see.
         self.inner = inner
         self.ledger_flush_seconds = ledger_flush_seconds
+        self.dashboard = DashboardApp(lambda: self.session.store, token=self.token)
         self._flusher: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -160,6 +167,9 @@ class ProxyApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if (raw_path.startswith(_DASHBOARD) or raw_path == _DASHBOARD[:-1]) and raw_path != _HEALTH:
+            # The dashboard checks the token itself: a browser's first visit brings it as ?token=.
+            return await self.dashboard(scope, receive, send)
         name, _, rest = raw_path[1:].partition(b"/")
         base = self._bases.get(name)
         method: str = scope["method"]
@@ -472,6 +482,16 @@ def is_loopback(host: str) -> bool:
         return False  # a name: it may resolve to anything
 
 
+def check_bind(host: str, token: str | None) -> None:
+    """Refuse an address beyond this machine without a token (the proxy's and the dashboard's rule)."""
+    if not token and not is_loopback(host):
+        raise MetrionCacheError(
+            f"refusing to listen on {host} without a token: anyone who can reach it could read every cached "
+            f"answer and send requests through it; pass --token TOKEN (or set {TOKEN_ENV}) and have clients "
+            f"send it in the {TOKEN_HEADER} header, or listen on 127.0.0.1"
+        )
+
+
 def serve(
     session: CacheSession,
     *,
@@ -484,12 +504,7 @@ def serve(
     """Run the proxy until SIGINT / SIGTERM; in-flight requests and streams finish first."""
     import uvicorn  # only the proxy needs it (the 'proxy' extra)
 
-    if not token and not is_loopback(host):
-        raise MetrionCacheError(
-            f"refusing to listen on {host} without a token: anyone who can reach it could read every cached "
-            f"answer and send requests through it; pass --token TOKEN (or set {TOKEN_ENV}) and have clients "
-            f"send it in the {TOKEN_HEADER} header, or listen on 127.0.0.1"
-        )
+    check_bind(host, token)
     app = ProxyApp(session, upstreams, token=token)
     logging.getLogger("uvicorn.access").addFilter(_MaskKeys())
     config = uvicorn.Config(
@@ -508,7 +523,7 @@ def serve(
     print(
         f"metrion cache proxy on http://{shown}:{port} (store {mask_password(session.url)}, namespace "
         f"{session.settings.namespace}, mode {session.mode}{', token required' if token else ''})\n"
-        f"routes: {routes}",
+        f"routes: {routes}\ndashboard: http://{shown}:{port}/_metrion/{'?token=TOKEN' if token else ''}",
         file=sys.stderr,
         flush=True,
     )

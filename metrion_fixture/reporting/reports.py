@@ -258,10 +258,11 @@ class StoredEntry:
         }
 
 
-def entries(store: Store, namespace: str | None = None) -> list[StoredEntry]:
-    """Every readable entry (of one namespace, or all), oldest first; locks, the ledger and damage are skipped."""
+def entries(store: Store, namespace: str | None = None, *, prefix: str = "") -> list[StoredEntry]:
+    """Every readable entry (of one namespace, or all; or whose storage key starts with ``prefix``), oldest
+    first; locks, the ledger and damage are skipped."""
     found = []
-    for storage_key in store.keys("" if namespace is None else f"{namespace}:"):
+    for storage_key in store.keys(prefix or ("" if namespace is None else f"{namespace}:")):
         if storage_key.startswith(LEDGER_PREFIX):
             continue
         value = store.get(storage_key)
