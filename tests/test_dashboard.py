@@ -256,7 +256,8 @@ def test_a_row_opens_the_calls_key_stored_answer_and_expiry(run, url):
     streamed = next(row for row in logs if row["model"] == "gpt-4o-mini")
     query = f"namespace=support-bot&wire_format=openai_chat&stream=1&key={streamed['key']}"
     detail = get(app, f"/_metrion/api/call?{query}").json()
-    assert detail["found"] and detail["stream"] is True and "data:" in detail["answer"]
+    assert detail["found"] and detail["stream"] is True
+    assert detail["answer"] == make_answer("Do you ship abroad?"), "the stream's events, assembled"
     assert detail["storage_key"].startswith(f"support-bot:openai_chat:stream:{streamed['key']}")
     bypass = next(row for row in get(app, "/_metrion/api/logs?status=BYPASS").json()["rows"])
     query = f"namespace=support-bot&wire_format=openai_chat&stream=0&key={bypass['key']}"
@@ -302,7 +303,7 @@ def test_serve_answers_the_dashboard_beside_its_routes(run, url):
 
 def test_the_dashboard_command_refuses_an_open_address_without_a_token(url, capsys):
     """metrion-cache dashboard listens on 127.0.0.1 only, unless given a token (as serve)."""
-    open_store(url)  # the store exists: the refusal is about the address
+    open_store(url).set("probe", b"1", 60)  # the store exists: the refusal is about the address
     assert main(["dashboard", "--url", url, "--host", "0.0.0.0"]) == 2
     assert "refusing to listen on 0.0.0.0 without a token" in capsys.readouterr().err
 
