@@ -23,6 +23,7 @@ from .core.options import (
     resolve,
 )
 from .errors import MetrionCacheError
+from .integrations.cassettes import CASSETTE_SUFFIXES
 from .reporting.reports import (
     GROUPINGS,
     KeyUse,
@@ -49,6 +50,7 @@ from .stores.sqlite import SQLiteStore
 
 # An import replaces what is stored (refresh), and reads each call's record back, so it keeps its records.
 _IMPORT_FIXED: dict[str, object] = {"mode": "refresh"}
+CASSETTE_PATTERNS = ", ".join(f"*{suffix}" for suffix in CASSETTE_SUFFIXES)
 _IMPORT_OPTIONS = tuple(option for option in OPTIONS if option.name not in (*_IMPORT_FIXED, "max_records"))
 
 
@@ -62,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--latency", type=float, default=0.8, help="simulated provider delay in seconds (default 0.8)")
     imports = commands.add_parser(
         "import-cassettes",
-        help="load vcrpy / pytest-recording cassettes (YAML or JSON) into the cache, keyed like live traffic",
+        help="load vcrpy, pytest-recording, pydantic-ai or langchain cassettes into the cache, keyed like live traffic",
     )
     imports.add_argument(
-        "paths", nargs="+", metavar="PATH", help="cassette files, or folders to search for *.yaml, *.yml, *.json"
+        "paths", nargs="+", metavar="PATH", help=f"cassette files, or folders to search for {CASSETTE_PATTERNS}"
     )
     for option in _IMPORT_OPTIONS:
         env = option.env if option.env and not option.spec.env_for_pytest_only else None
@@ -467,6 +469,11 @@ def import_cassettes_command(args: argparse.Namespace) -> int:
         print(f"skipped {skipped.method} {skipped.uri} ({skipped.cassette}): {skipped.reason}")
     for cassette, why in report.unreadable:
         print(f"could not read {cassette}: {why}", file=sys.stderr)
+    for collision in report.collisions:
+        print(
+            f"collision on {collision.storage_key}: {collision.replaced} and {collision.kept} record the same "
+            f"model and messages with different request options; one answer per key is kept, the last read"
+        )
     if report.store_failures:
         print(
             f"{report.store_failures} answers could not be written to {report.url}: is the store running?",
@@ -475,9 +482,10 @@ def import_cassettes_command(args: argparse.Namespace) -> int:
     print(
         f"imported {report.imported} answers from {len(report.cassettes)} cassettes into {report.url} "
         f"(namespace {report.namespace}); skipped {len(report.skipped)}"
+        + (f"; {plural(len(report.collisions), 'key collision')}" if report.collisions else "")
     )
     if not report.cassettes and not report.unreadable:
-        print("metrion-cache: no cassette found (*.yaml, *.yml, *.json)", file=sys.stderr)
+        print(f"metrion-cache: no cassette found ({CASSETTE_PATTERNS})", file=sys.stderr)
         return 1
     return 1 if report.unreadable or report.store_failures else 0
 

@@ -8,10 +8,14 @@ plus a raw httpx request, a provider error and a request that is not an LLM call
 from __future__ import annotations
 
 import asyncio
+import gzip
+import importlib.util
+import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 # httpcore, httpcore2, vcrpy's httpx stubs and the metrion transports and stores are imported here,
 # before any test runs, on purpose: pytester drops every module first imported while a Pytester is
@@ -26,6 +30,7 @@ import pytest
 import vcr
 import vcr.stubs.httpx_stubs
 
+import metrion_fixture
 import metrion_fixture.stores.sqlite
 import metrion_fixture.transports.httpx
 import metrion_fixture.transports.httpx2  # noqa: F401
@@ -207,3 +212,261 @@ def test_import_replaces_existing_entries_and_reports_store_failure(tmp_path, pr
 
     down = import_cassettes([cassette], url="redis://127.0.0.1:1")
     assert down.imported == 0 and down.store_failures == 5
+
+
+# -- the layouts of vcrpy, pytest-recording, pydantic-ai and langchain -------------------------------------------
+
+FIXTURES = Path(__file__).parent / "fixtures" / "cassettes"
+
+
+def _fixture_generator():
+    spec = importlib.util.spec_from_file_location("cassette_fixtures", FIXTURES / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+GENERATOR = _fixture_generator()
+
+
+def test_fixture_cassettes_are_what_the_generator_writes(tmp_path):
+    """The committed cassettes are generate.py's output: its CASES are what the replay test asks for."""
+    written = GENERATOR.write_all(tmp_path)
+    assert len(written) == len(GENERATOR.cassettes())
+    for path in written:
+        relative = path.relative_to(tmp_path)
+        assert (FIXTURES / relative).read_bytes() == path.read_bytes(), f"run {FIXTURES / 'generate.py'}: {relative}"
+
+
+def _llm_cases() -> list[tuple[str, Any]]:
+    return [(name, case) for name, (_, cases) in GENERATOR.cassettes().items() for case in cases if case.llm]
+
+
+def _labelled_json(case: Any) -> bool:
+    """An event stream its gateway labelled application/json (issue 12: stored once the core reads it as a stream)."""
+    return case.stream and case.content_type.startswith("application/json")
+
+
+def _anthropic_digest(message: Any) -> str:
+    parts = []
+    for block in message.content:
+        parts += [getattr(block, name, None) or "" for name in ("text", "thinking", "name")]
+        parts += [citation.cited_text for citation in getattr(block, "citations", None) or []]
+    return " ".join(parts)
+
+
+def _openai_digest(message: Any) -> str:
+    extra = message.model_extra or {}
+    parts = [message.content or "", message.refusal or "", str(extra.get("reasoning") or "")]
+    parts += [call.function.name + call.function.arguments for call in message.tool_calls or []]
+    parts.append(message.audio.transcript if message.audio else "")
+    return " ".join(parts)
+
+
+def _openai_stream_digest(chunks: Any) -> str:
+    parts = []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            delta = choice.delta
+            parts += [
+                delta.content or "",
+                delta.refusal or "",
+                str((delta.model_extra or {}).get("reasoning_content") or ""),
+            ]
+            parts += [
+                (c.function.name or "") + (c.function.arguments or "") for c in delta.tool_calls or [] if c.function
+            ]
+    return "".join(parts)
+
+
+def replay_through_sdk(case: Any, base_url: str, *, stream: bool) -> str:
+    """Send the recorded request again through its real SDK; what the parsed answer says."""
+    params = {name: value for name, value in case.request.items() if name not in ("stream", "stream_options")}
+    if case.api == "anthropic":
+        claude = anthropic.Anthropic(base_url=base_url, api_key="sk-ant-test", max_retries=0)
+        if stream:
+            with claude.messages.stream(**params) as events:
+                return _anthropic_digest(events.get_final_message())
+        return _anthropic_digest(claude.messages.create(**params))
+    gpt = openai.OpenAI(base_url=base_url + "/v1", api_key="sk-openai-test", max_retries=0)
+    if case.api == "openai":
+        if stream:
+            options = case.request.get("stream_options") or {"include_usage": True}
+            return _openai_stream_digest(gpt.chat.completions.create(**params, stream=True, stream_options=options))
+        return _openai_digest(gpt.chat.completions.create(**params).choices[0].message)
+    if case.api == "responses":
+        if stream:
+            with gpt.responses.stream(**params) as events:
+                return events.get_final_response().output_text
+        return gpt.responses.create(**params).output_text
+    from google import genai
+    from google.genai import types as genai_types
+
+    gemini = genai.Client(api_key="AIza-test", http_options=genai_types.HttpOptions(base_url=base_url))
+    model = case.uri.rpartition("/models/")[2].partition(":")[0]
+    config = genai_types.GenerateContentConfig.model_validate(
+        {**params.get("generationConfig", {}), "systemInstruction": params.get("systemInstruction")}
+    )
+    if stream:
+        chunks = gemini.models.generate_content_stream(model=model, contents=params["contents"], config=config)
+        return "".join(chunk.text or "" for chunk in chunks)
+    return gemini.models.generate_content(model=model, contents=params["contents"], config=config).text or ""
+
+
+@pytest.fixture(scope="module")
+def imported_fixtures(tmp_path_factory) -> tuple[Any, str, str]:
+    """The fixture folder imported once into a SQLite store: (report, store URL, namespace)."""
+    store = f"sqlite:///{tmp_path_factory.mktemp('imported') / 'cache.sqlite3'}"
+    namespace = f"fixtures-{uuid.uuid4().hex[:8]}"
+    return import_cassettes([FIXTURES], url=store, namespace=namespace), store, namespace
+
+
+def test_every_layout_is_read_collisions_reported_entries_counted(imported_fixtures):
+    """vcrpy (YAML, JSON), pytest-recording, pydantic-ai and langchain cassettes: every file read; one key
+    recorded twice with different options (thinking on and off) is reported and counted once."""
+    report, store, namespace = imported_fixtures
+    assert report.unreadable == []
+    assert sorted(Path(c).relative_to(FIXTURES).as_posix() for c in report.cassettes) == sorted(GENERATOR.cassettes())
+    assert report.store_failures == 0
+    not_llm = [(s.method, s.uri) for s in report.skipped if "not an LLM request" in s.reason]
+    assert not_llm == [("GET", "https://api.openai.com/v1/models")]
+    gateway = [s for s in report.skipped if "not an LLM request" not in s.reason]
+    assert len(gateway) <= 1  # the stream labelled application/json: see the xfail test below
+
+    assert len(report.collisions) == 1
+    collision = report.collisions[0]
+    assert collision.storage_key.startswith(f"{namespace}:anthropic_messages:json:")
+    assert "vcrpy/test_trip_planner.yaml: POST https://api.anthropic.com/v1/messages" in collision.kept
+    assert "pydantic_ai/test_anthropic/test_thinking_and_citations.yaml" in collision.replaced
+    stored = open_store(store).keys(f"{namespace}:")
+    assert collision.storage_key in stored
+    assert report.imported == len(_llm_cases()) - 1 - len(gateway) == len(stored)
+
+
+def _replay_all(cases: list[tuple[str, Any]], store: str, namespace: str, provider: Any, *, other_mode: bool):
+    """Each case's request through its SDK in replay mode: the cases not answered from the cache, and why."""
+    missed = []
+    with metrion_fixture.cache(store, mode="replay", namespace=namespace) as session:
+        for name, case in cases:
+            try:
+                said = replay_through_sdk(case, provider.url, stream=case.stream != other_mode)
+            except (anthropic.APIError, openai.APIError, ValueError) as error:
+                missed.append((name, case.request, f"{type(error).__name__}: {error}"))
+                continue
+            if session.ledger.calls[-1].status != "HIT" or case.needle not in said:
+                missed.append((name, case.request, said))
+    assert provider.call_count == 0
+    return missed
+
+
+def test_imported_cassettes_replay_through_the_sdks_in_their_recorded_mode(imported_fixtures, provider):
+    """Every recorded request, sent again through anthropic, openai or google-genai in replay mode, is a hit."""
+    _, store, namespace = imported_fixtures
+    cases = [(name, case) for name, case in _llm_cases() if not _labelled_json(case)]
+    assert _replay_all(cases, store, namespace, provider, other_mode=False) == []
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: conversions refuse unknown fields (annotations, audio, reasoning...)")
+def test_imported_cassettes_replay_through_the_sdks_in_the_other_mode(imported_fixtures, provider):
+    """At least 95% of them are answered from the cache in the other mode (stream <-> JSON) too."""
+    _, store, namespace = imported_fixtures
+    cases = [(name, case) for name, case in _llm_cases() if not _labelled_json(case)]
+    missed = _replay_all(cases, store, namespace, provider, other_mode=True)
+    assert len(cases) - len(missed) >= 0.95 * len(cases), f"missed {len(missed)} of {len(cases)}: {missed}"
+
+
+@pytest.mark.xfail(strict=True, reason="issue 12: an event stream labelled application/json is not read as a stream")
+def test_stream_labelled_json_is_imported_and_replayed(imported_fixtures, provider):
+    report, store, namespace = imported_fixtures
+    assert [s for s in report.skipped if "not an LLM request" not in s.reason] == []
+    cases = [(name, case) for name, case in _llm_cases() if _labelled_json(case)]
+    assert cases and _replay_all(cases, store, namespace, provider, other_mode=False) == []
+
+
+def test_recorded_streams_are_split_into_their_events_whatever_the_line_ends(imported_fixtures):
+    """CRLF (Gemini), lone CR and `: ping` comments: one stored chunk per event, read by the one SSE decoder."""
+    from metrion_fixture.core.entry import Entry
+    from metrion_fixture.formats.base import sse_events
+
+    _, store, namespace = imported_fixtures
+    opened = open_store(store)
+    quirky = {
+        "gemini CRLF": ("gemini", GENERATOR.gemini_stream()),
+        "openai CRLF": (
+            "openai_chat",
+            GENERATOR.openai_stream_with_usage("Name two Portuguese wines, briefly.", newline="\r\n"),
+        ),
+        "deepseek CR": ("openai_chat", GENERATOR.deepseek_reasoning_stream("What is 19 * 23?", newline="\r")),
+        "anthropic CRLF, comments": (
+            "anthropic_messages",
+            GENERATOR.anthropic_tool_use_stream("Faro", newline="\r\n", comments=True),
+        ),
+    }
+    for label, (wire_format, case) in quirky.items():
+        model = (
+            case.uri.rpartition("/models/")[2].partition(":")[0] if wire_format == "gemini" else case.request["model"]
+        )
+        messages = case.request.get("messages") or case.request["contents"]
+        value = opened.get(f"{namespace}:{wire_format}:stream:{cache_key(model, messages)}")
+        assert value is not None, label
+        chunks = list(Entry.decode(value).chunks)
+        recorded = sse_events([case.response_stream])
+        assert len(chunks) == len(recorded) > 2, label
+        assert [sse_events([chunk]) for chunk in chunks] == [[event] for event in recorded], label
+
+
+def test_stream_chunks_keep_an_unfinished_event_unfinished():
+    """A recording cut inside its last event stays incomplete: the stream's watcher refuses it."""
+    from metrion_fixture.integrations.cassettes import stream_chunks
+
+    chunks = stream_chunks(
+        b'event: message_start\r\ndata: {"a":1}\r\n\r\n: ping\r\n\r\nevent: message_stop\r\ndata: {"type"'
+    )
+    assert chunks == [b'event: message_start\ndata: {"a":1}\n\n', b'event: message_stop\ndata: {"type"\n']
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("broken.yaml", b"interactions: [ {request: \n", "not valid YAML"),
+        ("list.json", b"[1, 2]", "found a YAML/JSON list"),
+        ("other.yaml", b"cassette_name: x\nrecords: []\n", "a mapping of `cassette_name`, `records`"),
+        ("truncated.yaml.gz", gzip.compress(b"requests: []\nresponses: []\n", mtime=0)[:12], "a broken gzip file"),
+        ("empty.yaml", b"   \n", "the file is empty"),
+        ("binary.json", b"\xff\xfe\x00binary", "neither text nor gzip"),
+        ("mismatched.yaml.gz", gzip.compress(b"requests: [1]\nresponses: []\n", mtime=0), "not lists of one length"),
+        (
+            "interaction.yaml",
+            b"interactions:\n- request: {uri: x}\n  response: {}\nversion: 1\n",
+            "not in vcrpy's shape",
+        ),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_an_unreadable_file_gets_one_line_saying_what_was_expected(tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    report = import_cassettes([path], url=f"memory://{uuid.uuid4().hex}")
+    assert report.cassettes == []
+    [(cassette, why)] = report.unreadable
+    assert cassette == str(path) and expected in why and "\n" not in why
+    assert "langchain" in why and "pydantic-ai" in why
+
+
+def test_cli_reports_collisions_formats_and_counts_entries(tmp_path, capsys):
+    """The command prints each collision (which cassettes, which key), and the skip reason names every format imported."""
+    folder = tmp_path / "cassettes"
+    shutil.copytree(FIXTURES / "vcrpy", folder / "vcrpy")
+    shutil.copytree(FIXTURES / "pydantic_ai", folder / "pydantic_ai")
+    store = f"sqlite:///{tmp_path / 'cache.sqlite3'}"
+    code = cli_main(["import-cassettes", str(folder), "--url", store, "--namespace", "ns"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    stored = open_store(store).keys("ns:")
+    assert f"imported {len(stored)} answers from 4 cassettes" in out and "1 key collision" in out
+    [line] = [line for line in out.splitlines() if line.startswith("collision on ")]
+    assert "ns:anthropic_messages:json:" in line
+    assert "test_trip_planner.yaml" in line and "test_thinking_and_citations.yaml" in line
+    assert "Anthropic Messages, OpenAI Chat Completions, OpenAI Responses, Gemini generateContent" in out
