@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("METRION_TEST_ARTIFACTS") or ROOT / "test-artifacts")
 CHROMIUM = "/usr/bin/chromium"
 DAY = 86400
+EARLIER_SOURCE = "scripts/nightly_eval.py"
 
 
 def ask(text: str) -> list[dict[str, str]]:
@@ -76,7 +77,7 @@ def earlier_call(days_ago: float, status: str, **fields: Any) -> dict[str, Any]:
         "saved_input_tokens": 420 if hit else 0,
         "saved_output_tokens": 180 if hit else 0,
         "saved_usd": 0.00285 if hit else None,
-        "source": "scripts/nightly_eval.py",
+        "source": EARLIER_SOURCE,
         **spent,
     }
     return {**base, **fields}
@@ -333,10 +334,15 @@ def test_report_html_holds_the_periods_logs_and_savings(run, url, tmp_path, caps
     assert len(data["logs"]["rows"]) == want["requests"]
     cached = [row for row in data["logs"]["rows"] if row["cached"]]
     assert len(cached) == want["hits"]
-    stored = [data["details"][f"{r['namespace']}|{r['wire_format']}|{int(r['stream'])}|{r['key']}"] for r in cached]
-    live = [detail for detail in stored if detail["found"]]
-    assert len(live) == sum(1 for r in run if r["status"] == "HIT" and "source" not in r)  # earlier days: none stored
-    assert all(detail["answer"] for detail in live)
+    live = 0
+    for row in cached:
+        detail = data["details"][f"{row['namespace']}|{row['wire_format']}|{int(row['stream'])}|{row['key']}"]
+        assert detail["found"] == (row["source"] != EARLIER_SOURCE), row  # earlier days' calls left no entry
+        if detail["found"]:
+            live += 1
+            assert detail["storage_key"].startswith(f"{row['namespace']}:{row['wire_format']}:")
+            assert detail["key"] == row["key"] and detail["answer"]
+    assert live == sum(1 for r in run if r["status"] == "HIT" and r.get("source") != EARLIER_SOURCE) > 0
 
 
 def test_report_keeps_prompts_and_answers_inside_its_script(url, tmp_path):
