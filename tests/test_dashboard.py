@@ -90,7 +90,8 @@ def make_run(provider, url: str) -> list[dict[str, Any]]:
     """
     provider.latency = 0.15  # the provider's time, which each hit saves
     made: list[dict[str, Any]] = []
-    with metrion_fixture.cache(url, namespace="support-bot") as bot:
+    # A named source with prompt previews, as a batch script would set them; the evals keep the test's node id.
+    with metrion_fixture.cache(url, namespace="support-bot", source="support_bot.py", store_previews=True) as bot:
         for _ in range(2):
             call("openai", provider.url, model="gpt-4o", messages=ask("What are your delivery times?"))
             call("openai", provider.url, model="gpt-4o-mini", stream=True, messages=ask("Do you ship abroad?"))
@@ -219,6 +220,9 @@ def test_logs_show_cached_calls_as_spending_nothing_and_what_they_saved(run, url
     for row in priced:
         cost = by_key_and_time[(row["key"], row["at"])]["cost_usd"]
         assert cost > 0 and row["cost_text"] == dollars(cost)
+    previews = {row["preview"] for row in rows if row["namespace"] == "support-bot"}
+    assert "What are your delivery times?" in previews, "store_previews: the row shows the prompt"
+    assert {row["preview"] for row in rows if row["namespace"] == "evals"} == {""}, "previews are off by default"
     bypassed = [row for row in rows if row["status"] == "BYPASS"]
     assert len(bypassed) == 1 and not bypassed[0]["cached"]
 
@@ -235,6 +239,7 @@ def test_logs_filter_by_namespace_model_source_and_status(run, url):
         "model=gpt-4o-mini": lambda r: r["model"] == "gpt-4o-mini",
         "source=scripts/nightly_eval.py": lambda r: r.get("source") == "scripts/nightly_eval.py",
         "status=HIT": lambda r: r["status"] == "HIT",
+        "source=support_bot.py": lambda r: r.get("source") == "support_bot.py",
         "namespace=support-bot&status=MISS": lambda r: r["namespace"] == "support-bot" and r["status"] == "MISS",
     }
     for query, keep in cases.items():
