@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from .core.options import CacheOptions
+from .core.options import CacheOptions, check_report
+from .core.records import CallRecord
 from .integrations import patching
+from .reporting import run_summary
 from .runtime.activation import (
     enter_context_block,
     enter_process_block,
@@ -28,6 +31,8 @@ def enable(
     /,
     *,
     options: CacheOptions | None = None,
+    report: bool | None = None,
+    on_call: Callable[[CallRecord], object] | None = None,
     **overrides: Unpack[CacheOptionValues],
 ) -> CacheSession:
     """Cache every LLM request of this process until :func:`disable`.
@@ -36,8 +41,15 @@ def enable(
     :class:`~metrion_fixture.core.options.CacheOptions`), or ``options`` made beforehand.
     Calling it again replaces the session (the patch stays installed once).
     Options are checked at once: a bad one raises :class:`MetrionCacheError`.
+
+    At exit, one line on stderr says what the cache did (calls, hits, tokens and dollars saved,
+    provider time saved beside the wall time) unless ``report=False`` or ``METRION_CACHE_REPORT=0``.
+    ``on_call`` is called with each call's record, e.g. to move a progress bar.
     """
-    session = CacheSession(url, options=options, **overrides)
+    wanted = check_report(report, os.environ)
+    session = CacheSession(url, options=options, on_call=on_call, **overrides)
+    if wanted:
+        run_summary.watch(session)
     if set_enabled(session) is None:
         patching.install()
     return session
@@ -58,17 +70,23 @@ def cache(
     *,
     session: CacheSession | None = None,
     options: CacheOptions | None = None,
+    on_call: Callable[[CallRecord], object] | None = None,
     **overrides: Unpack[CacheOptionValues],
 ) -> Iterator[CacheSession]:
     """Cache LLM requests made inside the block by this thread or task (and the tasks it starts).
 
-    Takes the options of :func:`enable`, or a ``session`` already made. Nestable, and restores
-    what was active before. A sibling task or another thread is not covered: see
+    Takes the options of :func:`enable` (and ``on_call``), or a ``session`` already made. Nestable,
+    and restores what was active before. A sibling task or another thread is not covered: see
     :mod:`metrion_fixture.runtime.activation`.
     """
     if session is None:
-        session = CacheSession(url, options=options, **overrides)
-    elif url is not None or options is not None or any(value is not None for value in overrides.values()):
+        session = CacheSession(url, options=options, on_call=on_call, **overrides)
+    elif (
+        url is not None
+        or options is not None
+        or on_call is not None
+        or any(value is not None for value in overrides.values())
+    ):
         raise TypeError("cache() takes a session or options for a new one, not both: the options would be ignored")
     patching.install()
     token = enter_context_block(session)

@@ -47,6 +47,7 @@ __all__ = [
     "RETENTION_ENV",
     "SCOPE_ENV",
     "SOURCES",
+    "REPORT_ENV",
     "SOURCE_ENV",
     "STORE_PREVIEWS_ENV",
     "URL_ENV",
@@ -59,6 +60,8 @@ __all__ = [
     "Origin",
     "ResolvedOptions",
     "argument_layer",
+    "check_on_call",
+    "check_report",
     "environment_layer",
     "flag_layer",
     "mask_password",
@@ -71,6 +74,7 @@ MODE_ENV = "METRION_CACHE_MODE"
 RETENTION_ENV = "METRION_CACHE_LEDGER_RETENTION"
 SOURCE_ENV = "METRION_CACHE_SOURCE"
 STORE_PREVIEWS_ENV = "METRION_CACHE_STORE_PREVIEWS"
+REPORT_ENV = "METRION_CACHE_REPORT"  # enable()'s summary line at exit: 0 turns it off
 MAX_SOURCE_CHARS = 200
 DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600
 MAX_SINGLE_FLIGHT_WAIT = 3600.0
@@ -201,6 +205,36 @@ def _check_store_previews(value: object) -> bool:
             f"invalid store_previews {value!r}; use True or False (as text: {', '.join(_YES)} / {', '.join(_NO)})"
         )
     return value
+
+
+# enable()'s own arguments: not session options (no flag, ini key or marker: the pytest plugin and the
+# magic have their own reports), but checked here like every option.
+
+
+def check_report(report: object, environ: Mapping[str, str]) -> bool:
+    """``enable(report=...)``: the argument, else ``$METRION_CACHE_REPORT`` (0, false, no, off: none), else on."""
+    if report is None:
+        text = environ.get(REPORT_ENV, "").strip()
+        if not text:
+            return True
+        value = _yes_no_from_text(text)
+        if not isinstance(value, bool):
+            raise MetrionCacheError(
+                f"${REPORT_ENV}: invalid value {text!r}; use 0 (no summary line at exit) or 1 (the default)"
+            )
+        return value
+    if not isinstance(report, bool):
+        raise MetrionCacheError(f"invalid report {report!r}; use True (a summary line at exit, the default) or False")
+    return report
+
+
+def check_on_call(on_call: object) -> Callable[..., object] | None:
+    """``on_call=``: None, or a function that takes each call's record."""
+    if on_call is not None and not callable(on_call):
+        raise MetrionCacheError(
+            f"invalid on_call {on_call!r}; use a function that takes a CallRecord (it is called once per call)"
+        )
+    return on_call
 
 
 _check_max_entry_bytes = _number_checker(

@@ -24,6 +24,8 @@ class Stats:
     store_errors: int = 0  # store reads or writes that failed; the request went on without cache
     store_skipped: int = 0  # of those, the ones skipped while the store's circuit breaker was open
     stored: int = 0  # entries written
+    # The provider time of the stored answers hits served, summed over calls. Calls that ran at the same
+    # time (threads, tasks) overlap, so this can exceed the wall-clock time saved: compare wall time.
     saved_seconds: float = 0.0
     input_tokens: int = 0  # spent: what the provider reported for the answers it gave
     output_tokens: int = 0

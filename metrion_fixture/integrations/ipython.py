@@ -263,7 +263,7 @@ class MetrionCacheMagics(Magics):
 
     def _on(self, args: Any) -> None:
         try:
-            session = enable(options=self._session_options(args))
+            session = enable(options=self._session_options(args), report=False)  # each cell reports
         except MetrionCacheError as error:
             raise _error(error) from None
         cell = self._current_cell()

@@ -243,6 +243,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "this test (or every test of the class or module), with these settings over the command line's",
     )
     config.stash[_STATE] = _State(config)
+    from ..reporting import run_summary
+
+    run_summary.silence()  # enable() in the code under test: this run's summary is the plugin's
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

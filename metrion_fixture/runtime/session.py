@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import copy
 import os
+import time
+import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..core.breaker import CircuitBreaker
 from ..core.engine import PlanMemo, Settings
 from ..core.entry import RecentEntries
 from ..core.flow import CacheCore, Outcome
-from ..core.options import DEFAULT_SINGLE_FLIGHT_WAIT, URL_ENV, CacheOptions, options_from_arguments  # noqa: F401 - importable from here, as before
+from ..core.options import (  # noqa: F401 - importable from here, as before
+    DEFAULT_SINGLE_FLIGHT_WAIT,
+    URL_ENV,
+    CacheOptions,
+    check_on_call,
+    options_from_arguments,
+)
 from ..core.stats import CallRecord, Ledger, Stats
 from ..reporting import prices
 from ..stores import default_store_url, open_store
@@ -49,12 +58,19 @@ class CacheSession:
         /,
         *,
         options: CacheOptions | None = None,
+        on_call: Callable[[CallRecord], object] | None = None,
         **overrides: Unpack[CacheOptionValues],
     ) -> None:
         """Options as keyword arguments, or ``options`` (a :class:`CacheOptions`) with keyword overrides.
 
         Without ``options``, what the arguments leave out comes from the environment, then the defaults.
+        ``on_call`` is called with each call's record once it is counted (for a progress bar): on the
+        thread that made the call, so it must be quick and thread-safe; what it raises is warned
+        about once, never passed to the caller.
         """
+        self.on_call = check_on_call(on_call)
+        self._on_call_failed = False
+        self.started = time.monotonic()  # for wall_seconds
         # ``url`` is positional-only so that ``url=`` lands in ``overrides`` too: both spellings keep working.
         self.options = options_from_arguments(url, options, overrides, os.environ)
         chosen = self.options
@@ -82,6 +98,11 @@ class CacheSession:
     def source(self) -> str:
         """Where this session's calls come from: the ``source`` option, else the test, cell or script."""
         return self.core.source
+
+    @property
+    def wall_seconds(self) -> float:
+        """Wall-clock seconds since this session was made: what ``stats.saved_seconds`` compares with."""
+        return time.monotonic() - self.started
 
     @property
     def single_flight_wait(self) -> float:
@@ -159,11 +180,27 @@ class CacheSession:
             self.ledger.record(record)
             if sink is not None:
                 sink.add(record)
+            if self.on_call is not None:
+                self._tell(record)
         else:
             self.ledger.amend(replaces, record)
             if sink is not None:
                 sink.replace(replaces, record)
         return record
+
+    def _tell(self, record: CallRecord) -> None:
+        assert self.on_call is not None
+        try:
+            self.on_call(record)
+        except Exception as error:  # noqa: BLE001 - a progress bar must never fail a request
+            if not self._on_call_failed:
+                self._on_call_failed = True
+                warnings.warn(
+                    f"metrion cache: on_call raised {type(error).__name__}: {error}; the call went on "
+                    "(warned once per session)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
 
     def publish_outcome(self, outcome: Outcome) -> Outcome:
         """Publish the call record of a request's final state; returns the state."""
