@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from xml.etree import ElementTree
 
 # anthropic, openai, httpcore, httpcore2 and the metrion transports and stores are imported here,
 # before any test runs, on purpose: pytester drops every module first imported while a Pytester
@@ -26,6 +27,7 @@ import metrion_fixture.stores.sqlite
 import metrion_fixture.transports.httpx
 import metrion_fixture.transports.httpx2  # noqa: F401
 from metrion_fixture import cache_key
+from metrion_fixture.reporting.reports import money
 from metrion_fixture.stores import open_store
 
 pytest_plugins = ["pytester"]
@@ -167,6 +169,12 @@ def test_second_run_calls_the_provider_zero_times(suite, provider):
     line = summary(second)
     assert "4 tests used the cache: 4 requests: 4 hits, 0 misses, 0 refreshes, 0 errors" in line
     assert re.search(r"provider time saved \d+\.\d\d s", line)
+    # claude-test and gpt-test have no price: their dollars are unknown, never $0.
+    assert re.search(
+        r"^tokens spent 0 in / 0 out \(\$0\.00\), tokens saved [1-9][\d,]* in / [1-9][\d,]* out \(unknown\) at list prices$",
+        second.stdout.str(),
+        re.M,
+    )
     assert "called the provider" not in second.stdout.str()  # -v lists misses, and there were none
 
 
@@ -183,14 +191,27 @@ def test_replay_passes_when_cached_and_fails_exactly_the_uncached_test(suite, pr
     suite.makepyfile(test_llm=SUITE + NEW_TEST)
     replay, calls = run(suite, provider, f"--metrion-cache-url={url}", "--metrion-cache=replay")
     replay.assert_outcomes(passed=4, failed=1)
+    key = cache_key("gpt-test", [{"role": "user", "content": "A question nobody recorded"}])
     assert calls == 0
     assert [line.split()[1] for line in replay.outlines if line.startswith("FAILED ")] == [
         "test_llm.py::test_new_question"
     ]
-    key = cache_key("gpt-test", [{"role": "user", "content": "A question nobody recorded"}])
     output = replay.stdout.str()
-    assert "metrion cache: replay miss" in output
+    # The cache's message is the failure, and the short summary says replay miss, not the SDK's exception.
+    failed = [line for line in replay.outlines if line.startswith("FAILED")]
+    assert failed[0].startswith("FAILED test_llm.py::test_new_question - metrion cache replay miss"), failed
+    assert "BadRequestError" not in failed[0]
+    verbose, _ = run(suite, provider, f"--metrion-cache-url={url}", "--metrion-cache=replay", "-vv")  # untruncated
+    assert (
+        "FAILED test_llm.py::test_new_question - "
+        f"metrion cache replay miss: model 'gpt-test' (key {key[:12]}) is not in the cache"
+    ) in verbose.outlines
+    assert "_base_client.py" not in output, "no SDK traceback"
+    assert re.search(
+        r"\(the test stopped at test_llm\.py:\d+ on BadRequestError: the SDK's form of this refusal", output
+    )
     assert "test_llm.py::test_new_question asked for 1 answer that is not in the cache" in output
+    assert "holds no answers at all" not in output, "the store has answers: no restore hint"
     assert f"model 'gpt-test'  key {key}" in output
     assert f"pytest --metrion-cache=true --metrion-cache-url={url} test_llm.py::test_new_question" in output
     assert "4 hits, 0 misses, 0 refreshes, 1 error" in summary(replay)
@@ -454,6 +475,8 @@ def test_redis_down_replay_fails_the_tests_clearly(suite, provider):
     assert calls == 0
     output = result.stdout.str()
     assert "test_llm.py::test_openai: the cache store redis://127.0.0.1:1 could not be read" in output
+    failed = [line for line in result.outlines if line.startswith("FAILED test_llm.py::test_openai ")]
+    assert failed[0].startswith("FAILED test_llm.py::test_openai - metrion cache replay: the store "), failed
     assert "replay: 4 requests could not be answered (0 not cached, 4 with the store unreachable)" in output
 
 
@@ -476,3 +499,121 @@ def test_pytest_start_up_imports_no_http_or_redis_client(pytester, monkeypatch):
     result.assert_outcomes(passed=1)
     assert "metrion-fixture" in result.stdout.str()  # the entry point did load the plugin
     assert "LOADED: none" in result.stdout.str()
+
+
+PRICED = """
+import os
+
+import openai
+
+
+def test_priced():
+    client = openai.OpenAI(base_url=os.environ["METRION_TEST_PROVIDER_URL"] + "/v1", api_key="sk-test", max_retries=0)
+    messages = [{"role": "user", "content": "What are your delivery times?"}]
+    assert client.chat.completions.create(model="gpt-4o", messages=messages).choices[0].message.content
+"""
+
+TOKENS = re.compile(
+    r"^tokens spent ([\d,]+) in / ([\d,]+) out \(([^)]+)\), tokens saved ([\d,]+) in / ([\d,]+) out \(([^)]+)\)"
+)
+
+
+def test_the_summary_shows_tokens_and_dollars_spent_then_saved(suite, provider):
+    """A priced model: run 1 spends tokens and dollars, run 2 saves the same, both in the shared money format."""
+    from metrion_fixture.reporting import prices
+
+    url = f"memory://{uuid.uuid4().hex}"
+    suite.makepyfile(test_priced=PRICED)
+    first, _ = run(suite, provider, f"--metrion-cache-url={url}", "--metrion-cache-all")
+    second, calls = run(suite, provider, f"--metrion-cache-url={url}", "--metrion-cache-all")
+    assert calls == 0
+    spent = next(match for line in first.outlines if (match := TOKENS.match(line)))
+    saved = next(match for line in second.outlines if (match := TOKENS.match(line)))
+    price = prices.price_for("gpt-4o")
+    tokens_in, tokens_out = int(spent[1].replace(",", "")), int(spent[2].replace(",", ""))
+    expected = money((tokens_in * price.input + tokens_out * price.output) / 1e6)
+    assert expected.startswith("$0.0") and tokens_in > 0 and tokens_out > 0
+    assert (spent[3], spent[4], spent[5], spent[6]) == (expected, "0", "0", "$0.00")
+    assert (saved[1], saved[2], saved[3], saved[4], saved[5], saved[6]) == (
+        "0",
+        "0",
+        "$0.00",
+        spent[1],
+        spent[2],
+        expected,
+    )
+
+
+def test_replay_against_an_empty_store_says_the_restore_step_did_not_run(suite, provider):
+    """An empty store in replay: each failure and the summary say so and point at the CI cache restore step."""
+    suite.makepyfile(test_llm=SUITE)
+    result, calls = run(suite, provider, f"--metrion-cache-url=memory://{uuid.uuid4().hex}", "--metrion-cache=replay")
+    result.assert_outcomes(failed=4)
+    assert calls == 0
+    hint = (
+        "the store holds no answers at all: if this runs in CI, the step that restores the cache before pytest "
+        "did not run or found nothing (e.g. actions/cache with path .metrion_cache)."
+    )
+    assert result.outlines.count(hint) == 4, "in each test's failure"
+    assert f"replay: {hint}" in result.outlines
+
+
+def test_require_store_stops_the_run_when_the_store_is_unreachable(suite, provider):
+    """--metrion-cache-require-store: an unreachable store fails the run before any test calls the provider."""
+    suite.makepyfile(test_llm=SUITE)
+    result, calls = run(suite, provider, "--metrion-cache-url=redis://127.0.0.1:1", "--metrion-cache-require-store")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED and calls == 0
+    assert not any(line.startswith("test_llm.py") for line in result.outlines), "no test ran"
+    assert re.search(
+        r"metrion cache: the store redis://127\.0\.0\.1:1 is unreachable \(\w+: .+\) and "
+        r"--metrion-cache-require-store is set",
+        result.stderr.str(),
+    ), result.stderr.str()
+
+
+MARKED_DOWN = """
+import pytest
+
+from llm import ask_openai
+
+
+@pytest.mark.metrion_cache(url="redis://127.0.0.1:1")
+def test_store_down_midway():
+    assert ask_openai("Asked while the marker's store is down")
+"""
+
+
+def test_require_store_fails_a_run_whose_tests_lost_the_store(suite, provider):
+    """The run's store answers, a test's store does not: the tests pass on the provider, the run fails, and says why."""
+    suite.makepyfile(test_down=MARKED_DOWN)
+    options = (f"--metrion-cache-url=memory://{uuid.uuid4().hex}",)
+    plain, _ = run(suite, provider, *options)
+    assert plain.ret == pytest.ExitCode.OK, "without the option an unreachable store is no cache, not a failure"
+    result, calls = run(suite, provider, *options, "--metrion-cache-require-store")
+    result.assert_outcomes(passed=1)
+    assert calls == 1 and result.ret == pytest.ExitCode.TESTS_FAILED
+    assert "the run fails: the cache store was unreachable and --metrion-cache-require-store is set" in result.outlines
+
+
+def test_the_run_figures_go_into_junit_xml_properties(suite, provider):
+    """--junitxml: the summary's figures are testsuite properties named metrion_cache_*."""
+    url = f"memory://{uuid.uuid4().hex}"
+    suite.makepyfile(test_llm=SUITE, test_priced=PRICED)
+    run(suite, provider, f"--metrion-cache-url={url}", "-k", "anthropic or priced", "--metrion-cache-all")
+    result, _ = run(suite, provider, f"--metrion-cache-url={url}", "--metrion-cache-all", "--junitxml=report.xml")
+    result.assert_outcomes(passed=5)
+    root = ElementTree.parse(suite.path / "report.xml").getroot()
+    properties = {
+        p.get("name"): p.get("value") for p in root.iter("property") if p.get("name", "").startswith("metrion")
+    }
+    assert {name: properties[f"metrion_cache_{name}"] for name in ("tests", "requests", "hits", "misses")} == {
+        "tests": "5",
+        "requests": "5",
+        "hits": "3",
+        "misses": "2",
+    }
+    line = next(line for line in result.outlines if line.startswith("tokens spent"))
+    saved = TOKENS.match(line)
+    assert properties["metrion_cache_saved_input_tokens"] == saved[4].replace(",", "")
+    assert saved[6] == money(float(properties["metrion_cache_saved_usd"])) + " + unknown"
+    assert properties["metrion_cache_unpriced_saved"] == "2", "the two claude-test hits have no price"

@@ -251,6 +251,7 @@ def test_bypassed_calls_have_unknown_tokens(provider, memory_session):
 def test_the_pytest_summary_shows_tokens_and_dollars_saved(provider, memory_session):
     """The plugin's summary line adds the tokens (and dollars) hits saved, taken from the session stats."""
     from metrion_fixture.integrations.pytest_plugin import _empty_totals, _State, summary_lines  # noqa: PLC0415
+    from metrion_fixture.reporting.reports import money  # noqa: PLC0415
 
     for _ in range(2):
         sdk_call("openai", provider.url, model="gpt-4o")
@@ -258,9 +259,9 @@ def test_the_pytest_summary_shows_tokens_and_dollars_saved(provider, memory_sess
     state.totals = _empty_totals()
     state.finish("test_x", memory_session)
     stats = memory_session.stats
-    line = summary_lines(state.totals, verbose=False)[0]
+    line = summary_lines(state.totals, verbose=False)[1]
     assert f"tokens saved {stats.saved_input_tokens:,} in / {stats.saved_output_tokens:,} out" in line
-    assert f"${stats.saved_usd:.4f}" in line and stats.saved_usd > 0
+    assert f"({money(stats.saved_usd)}) at list prices" in line and stats.saved_usd > 0
 
 
 def test_the_notebook_report_shows_tokens_and_dollars_saved():

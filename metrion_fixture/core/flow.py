@@ -439,7 +439,7 @@ class CacheCore:
         return Answer(reply, self._call(plan, HIT, reply.status, started, hit=entry))
 
     def _refuse(self, plan: Plan, reply: Reply, started: float) -> Answer:
-        return Answer(reply, self._call(plan, ERROR, reply.status, started))
+        return Answer(reply, self._call(plan, ERROR, reply.status, started, refusal=reply.kind))
 
     def _call(
         self,
@@ -450,6 +450,7 @@ class CacheCore:
         *,
         hit: Entry | None = None,
         spent: Usage | None = None,
+        refusal: str = "",
     ) -> CallRecord:
         assert plan.wire_format is not None
         pricing, model = self.pricing, plan.model
@@ -482,6 +483,7 @@ class CacheCore:
             provider=pricing.provider_of(model, plan.wire_format.provider),
             source=self.source,
             preview=plan.preview,
+            refusal=refusal,
             **spending,
         )
         return record

@@ -42,6 +42,10 @@ class CallRecord:
     source: str = ""
     # The start of the last user message, kept only with ``store_previews`` on (prompts may be private).
     preview: str = ""
+    # Why the cache answered with an error of its own (status ERROR): "invalid" (a bad header or
+    # option), "replay_miss" (not stored, and replay never calls the provider), "store_down" (replay
+    # could not read the store). Surfaces tell a replay miss by this, never by the HTTP status.
+    refusal: str = ""
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from _pytest._code.code import ReprFileLocation, TerminalRepr  # the shape pytest's short summary reads
+from _pytest.junitxml import xml_key
 
-from ..core.engine import REPLAY_REFUSAL_STATUS
 from ..core.options import (
     MODE_ENV,  # noqa: F401 - importable from here, as before
     OPTIONS,
@@ -39,7 +40,7 @@ from ..core.options import (
     resolve,
 )
 from ..errors import MetrionCacheError
-from ..reporting.reports import money, plural
+from ..reporting.reports import dollars, plural, tokens
 
 if TYPE_CHECKING:
     from ..runtime.session import CacheSession
@@ -54,8 +55,10 @@ _OPTION = {option.name: option for option in OPTIONS}
 _HEADER_FIRST = ("mode", "url")
 
 _COUNTERS = ("hits", "misses", "refreshes", "bypassed", "errors", "store_errors", "stored")
-# What hits saved, from the usage kept with each entry (dollars only for models with a price).
-_SAVINGS = ("saved_input_tokens", "saved_output_tokens", "saved_usd")
+# What misses spent and hits saved, from the usage kept with each entry (dollars only for models with a price).
+_SAVINGS = ("input_tokens", "output_tokens", "cost_usd", "saved_input_tokens", "saved_output_tokens", "saved_usd")
+# Calls whose model has no price: their dollars are unknown, never $0.
+_UNPRICED = ("unpriced_spent", "unpriced_saved")
 
 
 # --- options ------------------------------------------------------------------------------------
@@ -77,6 +80,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             help=f"{option.spec.help}. ini: {option.ini}{env}",
         )
     group.addoption(
+        "--metrion-cache-require-store",
+        dest="metrion_cache_require_store",
+        action="store_true",
+        default=False,
+        help="fail the run when the cache store cannot be reached (by default the tests go on without the cache). "
+        "ini: metrion_cache_require_store",
+    )
+    group.addoption(
         "--metrion-cache-all",
         dest="metrion_cache_all",
         action="store_true",
@@ -87,6 +98,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         parser.addini(option.ini, f"metrion cache {option.name} (see {option.pytest_flag})", default="")
     parser.addini(
         "metrion_cache_all", "use the cache in every test (see --metrion-cache-all)", type="bool", default=False
+    )
+    parser.addini(
+        "metrion_cache_require_store",
+        "fail the run when the cache store is unreachable (see --metrion-cache-require-store)",
+        type="bool",
+        default=False,
     )
 
 
@@ -129,8 +146,12 @@ class _State:
         except InvalidOption as error:
             raise pytest.UsageError(f"metrion cache: {error}") from None
         self.all_tests = bool(config.getoption("metrion_cache_all")) or bool(config.getini("metrion_cache_all"))
+        self.require_store = bool(config.getoption("metrion_cache_require_store")) or bool(
+            config.getini("metrion_cache_require_store")
+        )
         self.stores: dict[str, Store] = {}
         self.totals = _empty_totals()
+        self._empty: dict[tuple[str, str], bool] = {}  # (url, namespace): held no answer when a replay missed
 
     def options_for(self, item: pytest.Item) -> ResolvedOptions:
         """The run's options, overridden by the markers on the test, its class and its module (closest wins)."""
@@ -184,6 +205,11 @@ class _State:
         totals["tests"] += 1
         for name in (*_COUNTERS, *_SAVINGS):
             totals[name] = totals.get(name, 0) + getattr(stats, name, 0)
+        for call in calls:
+            if call.cost_usd is None and call.input_tokens is not None:
+                totals["unpriced_spent"] += 1
+            if call.saved_usd is None and (call.saved_input_tokens or call.saved_output_tokens):
+                totals["unpriced_saved"] += 1
         totals["saved_seconds"] += stats.saved_seconds
         if session.url not in totals["urls"]:
             totals["urls"].append(session.url)
@@ -196,15 +222,36 @@ class _State:
         if missed:
             models = sorted({call.model for call in missed})
             totals["missed_tests"].append({"nodeid": nodeid, "misses": len(missed), "models": models})
-        for call in _replay_misses(session):
+        misses = _replay_misses(session)
+        empty = bool(misses) and self.store_was_empty(session)
+        for call in misses:
             totals["replay_misses"].append(
-                {"nodeid": nodeid, "model": call.model, "key": call.key, "store_down": bool(stats.store_errors)}
+                {
+                    "nodeid": nodeid,
+                    "model": call.model,
+                    "key": call.key,
+                    "store_down": call.refusal == "store_down",
+                    "empty_store": empty and call.refusal == "replay_miss",
+                }
             )
+
+    def store_was_empty(self, session: CacheSession) -> bool:
+        """Whether the session's store holds no answer at all in its namespace (asked once per run)."""
+        where = (session.url, session.settings.namespace)
+        if where not in self._empty:
+            try:
+                keys = session.store.keys(f"{session.settings.namespace}:")
+            except Exception:  # noqa: BLE001 - a store that fails here is reported as down elsewhere
+                keys = ["?"]
+            from ..core.flow import LOCK_SUFFIX
+
+            self._empty[where] = all(key.endswith(LOCK_SUFFIX) for key in keys)  # a lock is not an answer
+        return self._empty[where]
 
     def merge(self, other: dict[str, Any]) -> None:
         """Add an xdist worker's totals."""
         totals = self.totals
-        for name in ("tests", "without_store", "saved_seconds", *_COUNTERS, *_SAVINGS):
+        for name in ("tests", "without_store", "saved_seconds", *_COUNTERS, *_SAVINGS, *_UNPRICED):
             totals[name] = totals.get(name, 0) + other.get(name, 0)
         for name in ("urls", "down_urls"):
             totals[name].extend(url for url in other.get(name, []) if url not in totals[name])
@@ -222,14 +269,14 @@ class _State:
 
 def _empty_totals() -> dict[str, Any]:
     # Plain types only: xdist workers send it to the controller.
-    totals: dict[str, Any] = {name: 0 for name in ("tests", "without_store", *_COUNTERS)}
+    totals: dict[str, Any] = {name: 0 for name in ("tests", "without_store", *_COUNTERS, *_SAVINGS, *_UNPRICED)}
     totals.update(saved_seconds=0.0, urls=[], down_urls=[], missed_tests=[], replay_misses=[])
     return totals
 
 
 def _replay_misses(session: CacheSession) -> list[Any]:
-    # The cache's own refusals: replay found no entry, or could not read the store.
-    return [call for call in session.calls if call.status == "ERROR" and call.http_status == REPLAY_REFUSAL_STATUS]
+    # The cache's own refusals in replay mode: no entry, or the store could not be read (its record says which).
+    return [call for call in session.calls if call.refusal in ("replay_miss", "store_down")]
 
 
 _STATE = pytest.StashKey[_State]()
@@ -328,38 +375,83 @@ def pytest_runtest_makereport(
     report = yield
     if report.failed and report.when in ("setup", "call"):
         active = item.stash.get(_ACTIVE, None)
-        text = _replay_failure_text(item, *active) if active is not None else None
-        if text:
-            title = "metrion cache: replay miss"
-            addsection = getattr(report.longrepr, "addsection", None)  # a traceback's repr: shown with it
-            if addsection is not None:
-                addsection(title, text)
-            else:
-                report.sections.append((title, text))
+        misses = _replay_misses(active[0]) if active is not None else []
+        if active is not None and misses:
+            # The cache's record says the test asked replay for what it does not hold: its message is the
+            # failure, in place of the SDK's traceback, and the short summary says "replay miss", not the
+            # SDK's exception name (which reads like a provider outage in CI logs).
+            session, resolved = active
+            state = item.config.stash[_STATE]
+            text = _replay_failure_text(item, session, resolved, state.store_was_empty(session))
+            where = _test_line(item, call)
+            if where is not None and call.excinfo is not None:
+                text += f"\n(the test stopped at {where} on {call.excinfo.typename}: the SDK's form of this refusal)"
+            report.longrepr = ReplayMissRepr(text, _replay_headline(session, misses), where)
     return report
 
 
-def _replay_failure_text(item: pytest.Item, session: CacheSession, resolved: ResolvedOptions) -> str | None:
-    misses = _replay_misses(session)
-    if not misses:
+def _test_line(item: pytest.Item, call: pytest.CallInfo[None]) -> str | None:
+    """``test_llm.py:12``: the test's own line the failure passed through (the SDK raised deeper down)."""
+    if call.excinfo is None:
         return None
+    path = getattr(item, "path", None)
+    for entry in reversed(call.excinfo.traceback):
+        if entry.path == path:
+            return f"{item.location[0]}:{entry.lineno + 1}"
+    return None
+
+
+class ReplayMissRepr(TerminalRepr):
+    """A replay miss as a test failure: the cache's message, and a headline for the short summary."""
+
+    def __init__(self, text: str, headline: str, where: str | None) -> None:
+        self.text = text
+        path, _, line = (where or ":0").rpartition(":")
+        # What pytest shows after "FAILED nodeid - " and puts in JUnit XML's failure message.
+        self.reprcrash = ReprFileLocation(path, int(line), headline)
+
+    def toterminal(self, tw: Any) -> None:
+        for line in self.text.splitlines():
+            tw.line(line)
+
+
+def _replay_headline(session: CacheSession, misses: list[Any]) -> str:
+    if any(call.refusal == "store_down" for call in misses):
+        return f"metrion cache replay: the store {session.url} could not be read"
+    models = ", ".join(sorted({repr(call.model) for call in misses}))
+    if len(misses) == 1:
+        return f"metrion cache replay miss: model {models} (key {misses[0].key[:12]}) is not in the cache"
+    return f"metrion cache replay miss: {plural(len(misses), 'answer')} not in the cache (model {models})"
+
+
+def _replay_failure_text(item: pytest.Item, session: CacheSession, resolved: ResolvedOptions, empty_store: bool) -> str:
+    misses = _replay_misses(session)
     answers = "\n".join(
         f"  model {call.model!r}  key {call.key}  ({call.wire_format}, {'stream' if call.stream else 'json'})"
         for call in misses
     )
-    if session.stats.store_errors:
+    if any(call.refusal == "store_down" for call in misses):
         return (
             f"{item.nodeid}: the cache store {session.url} could not be read, and in replay mode the provider "
             f"is never called, so these requests failed:\n{answers}\n"
             f"Check that the store is running and that the URL is right "
             f"({_OPTION['url'].pytest_flag}, ini {_OPTION['url'].ini} or ${URL_ENV})."
         )
-    return (
+    text = (
         f"{item.nodeid} asked for {plural(len(misses), 'answer')} that "
         f"{'are' if len(misses) != 1 else 'is'} not in the cache ({session.url}, namespace "
         f"{session.settings.namespace!r}); in replay mode the provider is never called:\n{answers}\n"
-        f"{_record_hint(item, resolved, session.url)}"
     )
+    if empty_store:
+        text += EMPTY_STORE_HINT + "\n"
+    return text + _record_hint(item, resolved, session.url)
+
+
+# Replay against a store with nothing in it: in CI, most often the cache was never restored.
+EMPTY_STORE_HINT = (
+    "the store holds no answers at all: if this runs in CI, the step that restores the cache before pytest "
+    "did not run or found nothing (e.g. actions/cache with path .metrion_cache)."
+)
 
 
 def _record_hint(item: pytest.Item, resolved: ResolvedOptions, session_url: str) -> str:
@@ -385,12 +477,60 @@ def _record_hint(item: pytest.Item, resolved: ResolvedOptions, session_url: str)
 # --- the summary (and xdist totals) -------------------------------------------------------------
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """With --metrion-cache-require-store, a store that does not answer stops the run before any test."""
+    state = session.config.stash.get(_STATE, None)
+    url = state.base.options.url if state is not None else None
+    if state is None or not state.require_store or state.base.options.mode == "off" or url is None:
+        return
+    from ..stores import open_store
+
+    problem = None
+    try:
+        store = state.stores[url] = open_store(url)
+        store.get(_PROBE_KEY)
+    except Exception as error:  # noqa: BLE001 - whatever the store raises, it is unreachable
+        problem = f"{type(error).__name__}: {error}"
+    if problem is not None:
+        pytest.exit(
+            f"metrion cache: the store {mask_password(url)} is unreachable ({problem}) and "
+            "--metrion-cache-require-store is set",
+            returncode=pytest.ExitCode.TESTS_FAILED,
+        )
+
+
+_PROBE_KEY = "_metrion_probe"  # read, never written: any answer, even "absent", means the store is there
+
+
+@pytest.hookimpl(tryfirst=True)  # before junitxml writes its file
 def pytest_sessionfinish(session: pytest.Session) -> None:
     config = session.config
     state = config.stash.get(_STATE, None)
+    if state is None:
+        return
     workeroutput = getattr(config, "workeroutput", None)
-    if state is not None and workeroutput is not None:
+    if workeroutput is not None:
         workeroutput[WORKER_OUTPUT_KEY] = state.totals
+        return
+    totals = state.totals
+    if state.require_store and totals["store_errors"] and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    xml = config.stash.get(xml_key, None)
+    if xml is not None and totals["tests"]:
+        for name, value in junit_properties(totals).items():
+            xml.add_global_property(name, value)
+
+
+def junit_properties(totals: dict[str, Any]) -> dict[str, int | float]:
+    """The run's figures as JUnit XML properties (``metrion_cache_hits``, ..., ``metrion_cache_saved_usd``)."""
+    figures: dict[str, int | float] = {
+        "tests": totals["tests"],
+        "requests": sum(totals[name] for name in ("hits", "misses", "refreshes", "bypassed", "errors")),
+        **{name: totals[name] for name in (*_COUNTERS, *_SAVINGS, *_UNPRICED)},
+        "replay_misses": len(totals["replay_misses"]),
+        "saved_seconds": totals["saved_seconds"],
+    }
+    return {f"metrion_cache_{name}": round(value, 6) for name, value in figures.items()}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -407,19 +547,21 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if state is None or getattr(config, "workeroutput", None) is not None or not state.totals["tests"]:
         return
     terminalreporter.write_sep("-", "metrion cache")
-    for line in summary_lines(state.totals, verbose=config.get_verbosity() > 0):
+    lines = summary_lines(state.totals, verbose=config.get_verbosity() > 0, require_store=state.require_store)
+    for line in lines:
         terminalreporter.write_line(line)
 
 
-def _token_savings(totals: dict[str, Any]) -> str:
-    saved_in, saved_out = totals.get("saved_input_tokens", 0), totals.get("saved_output_tokens", 0)
-    if not saved_in and not saved_out:
-        return ""
-    dollars = f" ({money(totals['saved_usd'])} at list prices)" if totals.get("saved_usd") else ""
-    return f", tokens saved {saved_in:,} in / {saved_out:,} out{dollars}"
+def _tokens_line(totals: dict[str, Any]) -> str:
+    spent = f"{tokens(totals['input_tokens'])} in / {tokens(totals['output_tokens'])} out"
+    saved = f"{tokens(totals['saved_input_tokens'])} in / {tokens(totals['saved_output_tokens'])} out"
+    return (
+        f"tokens spent {spent} ({dollars(totals['cost_usd'], totals['unpriced_spent'])}), "
+        f"tokens saved {saved} ({dollars(totals['saved_usd'], totals['unpriced_saved'])}) at list prices"
+    )
 
 
-def summary_lines(totals: dict[str, Any], *, verbose: bool) -> list[str]:
+def summary_lines(totals: dict[str, Any], *, verbose: bool, require_store: bool = False) -> list[str]:
     requests = sum(totals[name] for name in ("hits", "misses", "refreshes", "bypassed", "errors"))
     parts = [
         plural(totals["hits"], "hit"),
@@ -432,10 +574,13 @@ def summary_lines(totals: dict[str, Any], *, verbose: bool) -> list[str]:
     lines = [
         (
             f"{plural(totals['tests'], 'test')} used the cache: {plural(requests, 'request')}: {', '.join(parts)}; "
-            f"provider time saved {totals['saved_seconds']:.2f} s{_token_savings(totals)}"
+            f"provider time saved {totals['saved_seconds']:.2f} s"
         ),
+        _tokens_line(totals),
         f"store: {', '.join(totals['urls'])}",
     ]
+    if totals["store_errors"] and require_store:
+        lines.append("the run fails: the cache store was unreachable and --metrion-cache-require-store is set")
     if totals["store_errors"]:
         lines.append(
             f"the cache store was unreachable ({', '.join(totals['down_urls'])}, "
@@ -455,6 +600,8 @@ def summary_lines(totals: dict[str, Any], *, verbose: bool) -> list[str]:
             + ("  (store unreachable)" if miss["store_down"] else "")
             for miss in replay
         )
+        if any(miss.get("empty_store") for miss in replay):
+            lines.append("replay: " + EMPTY_STORE_HINT)
     missed = totals["missed_tests"]
     if missed and verbose:
         lines.append("tests that called the provider (cache misses):")
