@@ -74,6 +74,7 @@ def sse_for(text: str) -> list[bytes]:
         b"event: content_block_delta\ndata: "
         + json.dumps({"type": "content_block_delta", "delta": {"text": text}}).encode()
         + b"\n\n",
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"}}\n\n',
         b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
     ]
 

@@ -107,10 +107,10 @@ def test_gemini_broken_streams_are_not_stored(provider, memory_session, failure)
     assert memory_session.calls[-1].status == "MISS"
 
 
-def test_a_clean_gemini_stream_is_complete_at_the_end_of_the_body():
-    """Formats without a terminator event say so; the engine then stores at a clean end of body."""
+def test_gemini_paths_are_recognised_and_its_streams_say_when_they_are_complete():
+    """Gemini has no end event, but its final state (each candidate's finishReason) says the answer is whole."""
     gemini = wire_format_for("POST", "/v1beta/models/gemini-2.0-flash:streamGenerateContent")
-    assert gemini is not None and gemini.name == "gemini" and gemini.has_stream_terminator is False
+    assert gemini is not None and gemini.name == "gemini" and gemini.has_stream_terminator is True
     assert wire_format_for("POST", "/v1beta/models/gemini-2.0-flash:countTokens") is None
     assert wire_format_for("GET", "/v1beta/models/gemini-2.0-flash:generateContent") is None
 

@@ -29,6 +29,7 @@ ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "content": [{"t
 SSE = [
     b'event: message_start\ndata: {"type":"message_start"}\n\n',
     b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"the answer"}}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"}}\n\n',
     b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
 ]
 CONCURRENCY = 50

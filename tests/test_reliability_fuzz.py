@@ -193,6 +193,8 @@ def test_any_response_body_reaches_the_caller_and_only_good_answers_are_stored(s
         assert values == []
 
 
+# Anthropic's final state: the answer is complete once it arrived (message_stop is only its trailer).
+FINAL_STATE = b'event: message_delta\ndata: {"delta": {"stop_reason": "end_turn"}}\n\n'
 sse_lines = st.one_of(
     st.sampled_from(
         [
@@ -205,6 +207,7 @@ sse_lines = st.one_of(
             b"data\n",
             b"\r\n",
             b'event: error\ndata: {"type": "error"}\n\n',
+            FINAL_STATE,
             b"event: message_stop\ndata: {}\n\n",
         ]
     ),
@@ -220,13 +223,15 @@ def sse_answer(chunks: list[bytes]) -> Callable[[httpx2.Request], httpx2.Respons
 
 @FUZZ
 @given(chunks=st.lists(sse_lines, max_size=12))
-@example(chunks=[b"event: message_start\ndata: {}\n\n"])  # no terminator
-@example(chunks=[b"event: message_stop\ndata: {}\n", b"\n"])
-@example(chunks=[b"event: message_stop\ndata: {}\n\n", b"event: content_block_delta\ndata: {}\n\n"])
-@example(chunks=[b"data: " + b"x" * 2_000_000, b"\n\nevent: message_stop\ndata: {}\n\n"])  # a giant event
-@example(chunks=[b"event: error\ndata: {}\n\n", b"event: message_stop\ndata: {}\n\n"])
+@example(chunks=[b"event: message_start\ndata: {}\n\n"])  # no final state
+@example(chunks=[b"event: message_stop\ndata: {}\n\n"])  # a trailer without the final state
+@example(chunks=[FINAL_STATE[:-1], b"\n"])
+@example(chunks=[FINAL_STATE, b"event: message_stop\ndata: {}\n", b"\n"])
+@example(chunks=[FINAL_STATE, b"event: content_block_delta\ndata: {}\n\n"])
+@example(chunks=[b"data: " + b"x" * 2_000_000, b"\n\n" + FINAL_STATE])  # a giant event
+@example(chunks=[b"event: error\ndata: {}\n\n", FINAL_STATE])
 def test_any_event_stream_reaches_the_caller_and_only_complete_ones_are_stored(chunks):
-    """Any SSE stream reaches the caller byte for byte; stored only with the terminator, no error, replayed exactly."""
+    """Any SSE stream reaches the caller byte for byte; stored only with the final state, no error, replayed exactly."""
     provider = Provider(sse_answer(chunks))
     client, session = client_for(provider)
     request = {**GOOD, "stream": True}
@@ -239,7 +244,7 @@ def test_any_event_stream_reaches_the_caller_and_only_complete_ones_are_stored(c
     assert received == sent and second.content == sent
     if values:
         events = [event for event, _ in sse_events([sent])]  # the whole body parsed at once, not chunk by chunk
-        assert "message_stop" in events and "error" not in events
+        assert "message_delta" in events and "error" not in events
         stored = Entry.decode(values[0])
         assert [c for c in stored.chunks if c] == [c for c in chunks if c]
         assert second.headers["x-metrion-cache"] == "HIT" and len(provider.received) == 1
@@ -249,7 +254,7 @@ def test_any_event_stream_reaches_the_caller_and_only_complete_ones_are_stored(c
 
 def test_a_giant_unterminated_stream_over_the_size_cap_is_passed_on_not_stored():
     """A stream bigger than max_entry_bytes, arriving in small chunks with no line breaks, is passed on and not stored."""
-    chunks = [b"data: "] + [b"y" * 4096] * 256 + [b"\n\nevent: message_stop\ndata: {}\n\n"]
+    chunks = [b"data: "] + [b"y" * 4096] * 256 + [b"\n\n" + FINAL_STATE]
     provider = Provider(sse_answer(chunks))
     client, session = client_for(provider, max_entry_bytes=64 * 1024)
     with client, client.stream("POST", ROUTES["anthropic"], json={**GOOD, "stream": True}) as response:

@@ -241,7 +241,7 @@ def watch(wire_format, *chunks: bytes, close: bool = True) -> tuple[bool, bool]:
 
 @pytest.mark.parametrize("name", sorted(FORMATS_BY_NAME))
 def test_every_http_format_watches_with_the_sse_watcher(name):
-    assert type(FORMATS_BY_NAME[name].stream_watcher()) is StreamWatcher
+    assert isinstance(FORMATS_BY_NAME[name].stream_watcher(), StreamWatcher)
 
 
 def test_the_grpc_watcher_reads_nothing_and_never_fails():
@@ -254,18 +254,23 @@ def test_the_grpc_watcher_reads_nothing_and_never_fails():
 
 def test_a_gemini_error_with_cr_endings_fails_the_watcher():
     gemini = FORMATS_BY_NAME["gemini"]
-    ok = sse(None, {"candidates": []}, crlf=True).replace(b"\r\n", b"\r")
+    ok = sse(None, {"candidates": [{"content": {"parts": [{"text": "4"}]}, "finishReason": "STOP"}]}, crlf=True)
+    ok = ok.replace(b"\r\n", b"\r")
     error = sse(None, {"error": {"code": 500, "message": "boom", "status": "INTERNAL"}}, crlf=True)
-    assert watch(gemini, ok, ok) == (False, False)
-    assert watch(gemini, ok, error.replace(b"\r\n", b"\r"), ok) == (False, True)
+    assert watch(gemini, ok, ok) == (True, False)
+    partial = sse(None, {"candidates": [{"content": {"parts": [{"text": "4"}]}}]}, crlf=True).replace(b"\r\n", b"\r")
+    assert watch(gemini, partial, error.replace(b"\r\n", b"\r"), ok) == (False, True)
 
 
 def test_closing_inside_an_event_fails_the_watcher():
     anthropic = FORMATS_BY_NAME["anthropic_messages"]
+    final = b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"}}\n\n'
     stop = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
-    assert watch(anthropic, stop) == (True, False)
-    assert watch(anthropic, stop[:-1]) == (False, True)  # the terminator never finished
-    assert watch(anthropic, stop + b": bye") == (True, False)  # a comment is no event
+    assert watch(anthropic, final) == (True, False)
+    assert watch(anthropic, stop) == (False, False)  # the trailer alone proves nothing
+    assert watch(anthropic, final[:-1]) == (False, True)  # the final state never finished
+    assert watch(anthropic, final + stop[:-1]) == (True, False)  # only the trailer was cut short
+    assert watch(anthropic, final + stop + b": bye") == (True, False)  # a comment is no event
     assert watch(FORMATS_BY_NAME["gemini"], b'data: {"error": {"code": 500}}') == (False, True)
 
 

@@ -220,7 +220,7 @@ def test_upstream_is_pulled_one_chunk_at_a_time(memory_session, namespace, lib, 
     events = [
         b'event: message_start\ndata: {"type":"message_start"}\n\n',
         b'event: content_block_delta\ndata: {"type":"content_block_delta"}\n\n',
-        b'event: message_delta\ndata: {"type":"message_delta"}\n\n',
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"}}\n\n',
         b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
     ]
     pulled: list[int] = []
@@ -335,10 +335,6 @@ FAILURES = {
         "anthropic": (anthropic.APIStatusError,),
         "openai": (openai.APIError,),
     },
-    "no-terminator": {
-        "anthropic": None,
-        "openai": None,
-    },  # ends cleanly: the SDKs do not notice
 }
 
 
@@ -347,25 +343,8 @@ FAILURES = {
 @pytest.mark.parametrize("mode", sorted(FAILURES))
 def test_incomplete_streams_are_never_stored(provider, session, namespace, mode, sdk, use_async):
     """A cut, failed or unterminated stream is not stored, on any store: the next identical call reaches the provider."""
-    expected = FAILURES[mode][sdk]
-    if expected is None:
-        answer = call(
-            sdk,
-            provider.url,
-            stream=True,
-            use_async=use_async,
-            extra_headers={"x-simulate": mode},
-        )
-        assert answer.cache == "MISS"
-    else:
-        with pytest.raises(expected):
-            call(
-                sdk,
-                provider.url,
-                stream=True,
-                use_async=use_async,
-                extra_headers={"x-simulate": mode},
-            )
+    with pytest.raises(FAILURES[mode][sdk]):
+        call(sdk, provider.url, stream=True, use_async=use_async, extra_headers={"x-simulate": mode})
 
     assert session.store.keys(namespace + ":") == []
     assert session.stats.stored == 0
@@ -374,6 +353,57 @@ def test_incomplete_streams_are_never_stored(provider, session, namespace, mode,
     assert again.cache == "MISS" and "delivery" in again.text
     assert provider.call_count == 2
     assert session.store.keys(namespace + ":") == [storage_key(namespace, sdk)]
+
+
+@sync_async
+@pytest.mark.parametrize("sdk", SDKS)
+def test_a_stream_without_its_trailer_is_complete_at_its_final_state(provider, session, namespace, sdk, use_async):
+    """Anthropic's message_stop and OpenAI's [DONE] only follow the final state: a stream ending without them is whole."""
+    first = call(sdk, provider.url, stream=True, use_async=use_async, extra_headers={"x-simulate": "no-terminator"})
+    assert first.cache == "MISS"
+    assert session.store.keys(namespace + ":") == [storage_key(namespace, sdk)]
+    again = call(sdk, provider.url, stream=True, use_async=use_async)
+    assert again.cache == "HIT" and again.text == first.text and again.usage == first.usage
+    assert provider.call_count == 1
+
+
+def leave_at_the_final_state(sdk: str, url: str) -> list[str]:
+    """Read events through the SDK until the final state, then close, as litellm does: the events' types."""
+    if sdk == "anthropic":
+        client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0)
+        events = client.messages.create(model="claude-test", max_tokens=100, messages=QUESTION, stream=True)
+        seen = []
+        for event in events:
+            seen.append(event.type)
+            if event.type == "message_delta":
+                break
+        events.close()
+        return seen
+    gpt = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+    chunks = gpt.chat.completions.create(
+        model="gpt-test", messages=QUESTION, stream=True, stream_options={"include_usage": True}
+    )
+    seen = []
+    for chunk in chunks:
+        seen.append("usage" if chunk.usage else "chunk")
+        if chunk.usage:
+            break
+    chunks.close()
+    return seen
+
+
+@pytest.mark.parametrize("sdk", SDKS)
+def test_a_caller_leaving_at_the_final_state_stores_a_whole_stream(provider, session, namespace, sdk):
+    """litellm closes an Anthropic stream after message_delta: the answer is complete, stored, and replayed whole."""
+    seen = leave_at_the_final_state(sdk, provider.url)
+    assert seen[-1] in ("message_delta", "usage") and "message_stop" not in seen
+    assert session.store.keys(namespace + ":") == [storage_key(namespace, sdk)]
+    stored = Entry.decode(session.store.get(storage_key(namespace, sdk)))
+    ending = b"event: message_stop" if sdk == "anthropic" else b"data: [DONE]"
+    assert b"".join(stored.chunks).rstrip().split(b"\n\n")[-1].startswith(ending)  # the trailer, for the replay
+    again = call(sdk, provider.url, stream=True)
+    assert again.cache == "HIT" and "delivery" in again.text and again.usage is not None
+    assert provider.call_count == 1
 
 
 def close_after_first_event(sdk: str, url: str, use_async: bool) -> str:
@@ -493,7 +523,11 @@ FORMATS = {
         "start": lambda: _anthropic_event("message_start", message={"id": "msg_1"}),
         "delta": lambda text: _anthropic_event("content_block_delta", delta={"type": "text_delta", "text": text}),
         "ping": lambda: _anthropic_event("ping"),
-        "end": lambda: _anthropic_event("message_stop"),
+        # The final state (message_delta with its stop_reason), then the trailer.
+        "end": lambda: (
+            _anthropic_event("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": 3})
+            + _anthropic_event("message_stop")
+        ),
         "error": lambda: _anthropic_event("error", error={"type": "overloaded_error", "message": "Overloaded"}),
     },
     "openai": {
@@ -501,7 +535,9 @@ FORMATS = {
         "start": lambda: _openai_event({"choices": [{"delta": {"role": "assistant"}}]}),
         "delta": lambda text: _openai_event({"choices": [{"delta": {"content": text}}]}),
         "ping": lambda: b": keep-alive\n\n",
-        "end": lambda: _openai_event("[DONE]"),
+        "end": lambda: (
+            _openai_event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}) + _openai_event("[DONE]")
+        ),
         "error": lambda: _openai_event({"error": {"message": "server had an error", "type": "server_error"}}),
     },
 }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..formats import Prompt, Usage, WireFormat
+from ..formats.base import whole_events
 from .directives import (
     DEFAULT_MAX_ENTRY_BYTES,
     DEFAULT_NAMESPACE,
@@ -439,7 +440,19 @@ class Recorder:
     error event is stored. Anything over the size cap is never stored.
     """
 
-    __slots__ = ("plan", "status", "headers", "max_bytes", "started", "chunks", "size", "watcher", "broken", "done")
+    __slots__ = (
+        "plan",
+        "status",
+        "headers",
+        "max_bytes",
+        "started",
+        "chunks",
+        "size",
+        "watcher",
+        "broken",
+        "done",
+        "reached_eof",
+    )
 
     def __init__(self, plan: Plan, status: int, headers: list[tuple[str, str]], max_bytes: int, started: float) -> None:
         assert plan.wire_format is not None
@@ -450,9 +463,10 @@ class Recorder:
         self.started = started  # on the core's monotonic clock
         self.chunks: list[bytes] = []
         self.size = 0
-        self.watcher = plan.wire_format.stream_watcher()
+        self.watcher = plan.wire_format.stream_watcher(plan.shape)
         self.broken = False
         self.done = False
+        self.reached_eof = False
 
     def feed(self, chunk: bytes) -> None:
         if self.broken or not chunk:
@@ -473,11 +487,27 @@ class Recorder:
         if self.done:
             return False
         self.done = True
+        self.reached_eof = reached_eof
         assert self.plan.wire_format is not None
         if reached_eof and not self.broken:
             self.watcher.close()  # a body that ended inside an event is incomplete
         complete = self.watcher.ended or (reached_eof and not self.plan.wire_format.has_stream_terminator)
         return complete and not self.broken and not self.watcher.failed
+
+    def stream_chunks(self) -> list[bytes]:
+        """The chunks of a complete stream as they are stored: as received, ending as the provider's streams end.
+
+        A caller may stop reading once the final state arrived (litellm after Anthropic's message_delta):
+        an event it left unfinished is dropped and the format's trailer added, so a hit replays a whole stream.
+        """
+        wire_format = self.plan.wire_format
+        assert wire_format is not None
+        if self.reached_eof or self.watcher.trailed and not self.watcher.in_event:
+            return self.chunks  # as the provider sent them
+        chunks = whole_events(self.chunks) if self.watcher.in_event else self.chunks
+        if self.watcher.trailed or not wire_format.stream_trailer:
+            return chunks
+        return [*chunks, wire_format.stream_trailer]
 
     def body_storable(self, body: bytes) -> bool:
         # Too big, or not a whole answer (truncated, HTML from a gateway...): not stored.

@@ -340,9 +340,10 @@ class CacheCore:
             return StreamEnd(None, None)
         plan = recorder.plan
         assert plan.wire_format is not None
-        usage = read_usage(plan.wire_format, recorder.chunks, True)
+        chunks = recorder.stream_chunks()
+        usage = read_usage(plan.wire_format, chunks, True)
         value = recorder.entry(
-            recorder.chunks, stream=True, usage=usage, now=self.clock.wall(), now_monotonic=self.clock.monotonic()
+            chunks, stream=True, usage=usage, now=self.clock.wall(), now_monotonic=self.clock.monotonic()
         )
         record = tee.record
         if usage is not None:

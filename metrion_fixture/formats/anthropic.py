@@ -37,9 +37,17 @@ class AnthropicMessages(WireFormat):
             return None
         return Prompt(found[0], found[1], body.get("stream") is True)
 
+    # message_delta carries the stop reason and the final usage: the answer is complete there.
+    # litellm closes the response after it and never reads message_stop.
+    stream_trailer = sse("message_stop", {"type": "message_stop"})
+
     def stream_event(self, event: str | None, data: str) -> str | None:
+        if event == "message_delta":
+            return "end" if _stop_reason(data) else None
         if event == "message_stop":
-            return "end"
+            return "trailer"
+        if event == "ping":
+            return "ignore"
         if event == "error":
             return "error"
         return None
@@ -175,6 +183,17 @@ def _message_from_stream(chunks: list[bytes]) -> bytes | None:
         blocks[index]["input"] = json.loads(text) if text else {}
     message["content"] = [blocks[index] for index in sorted(blocks)]
     return dump(message)
+
+
+def _stop_reason(data: str) -> bool:
+    """Whether a message_delta's data says why the message stopped."""
+    if '"stop_reason"' not in data:
+        return False
+    try:
+        delta = json.loads(data).get("delta")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(delta, dict) and bool(delta.get("stop_reason"))
 
 
 WIRE_FORMAT = AnthropicMessages()

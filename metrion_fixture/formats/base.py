@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,8 @@ class Prompt:
     messages: list[Any]
     stream: bool
     # Request options that shape the answer but not which answer it is (OpenAI's
-    # stream_options.include_usage): needed to turn a stored answer into the other mode.
+    # stream_options.include_usage, the number of choices asked for): needed to turn a stored
+    # answer into the other mode, and to tell when a stream of it is complete.
     shape: dict[str, Any] | None = None
 
 
@@ -33,9 +35,13 @@ class WireFormat:
     name: str = ""
     # Who is billed for answers in this format, unless the model's price entry says otherwise.
     provider: str = ""
-    # Whether streams of this format end with an explicit event. Formats without
-    # one are complete when the body ends cleanly.
+    # Whether streams of this format say when the answer is complete (a final event or state).
+    # Streams of a format that does not (gRPC) are complete when their transport ends cleanly.
     has_stream_terminator: bool = True
+    # What a complete stream of this format ends with after its final state, for a stream stored
+    # although the caller stopped reading before it (litellm leaves an Anthropic stream after
+    # message_delta, never reading message_stop): the replayed stream must still end as the provider's do.
+    stream_trailer: bytes = b""
 
     def matches(self, method: str, path: str) -> bool:
         raise NotImplementedError
@@ -49,7 +55,13 @@ class WireFormat:
         return last_user_text(prompt.messages)
 
     def stream_event(self, event: str | None, data: str) -> str | None:
-        """Classify one server-sent event: "end" (the terminator), "error", or None."""
+        """Classify one server-sent event (see :class:`StreamWatcher`).
+
+        "end": the provider's final state has arrived (the answer is complete); "trailer": an event
+        that only follows the final state (Anthropic's message_stop, OpenAI's [DONE]), no proof of
+        completeness by itself; "ignore": an event allowed anywhere (a ping); "error"; None: a
+        part of the answer.
+        """
         raise NotImplementedError
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
@@ -88,8 +100,11 @@ class WireFormat:
         """The text of a parsed non-streamed answer of this format."""
         return None
 
-    def stream_watcher(self) -> ChunkWatcher:
-        """What follows a streamed answer of this format to tell whether it is whole."""
+    def stream_watcher(self, shape: dict[str, Any] | None = None) -> ChunkWatcher:
+        """What follows a streamed answer of this format to tell whether it is whole.
+
+        ``shape`` is the request's :attr:`Prompt.shape` (what the complete answer must contain).
+        """
         return StreamWatcher(self)
 
     def storable_body(self, body: bytes) -> bool:
@@ -162,11 +177,17 @@ class ChunkWatcher:
     which are complete when their transport ends cleanly.
     """
 
-    __slots__ = ("ended", "failed")
+    __slots__ = ("ended", "failed", "trailed")
 
     def __init__(self) -> None:
         self.ended = False
         self.failed = False
+        self.trailed = False  # the format's trailer arrived (nothing to add to a stored stream)
+
+    @property
+    def in_event(self) -> bool:
+        """Whether the bytes read so far stop inside an event (a caller left in the middle of one)."""
+        return False
 
     def feed(self, chunk: bytes) -> None:
         """One more chunk of the stream, as the provider sent it."""
@@ -176,11 +197,14 @@ class ChunkWatcher:
 
 
 class StreamWatcher(ChunkWatcher):
-    """Watches a server-sent event stream: the wire format says which event ends it and which is an error.
+    """Watches a server-sent event stream: the wire format classifies each event (:meth:`WireFormat.stream_event`).
 
-    An error is final, however the bytes were split. Anything meaningful after the
-    terminator means the stream was misread, and so does an event the body left
-    unfinished or one over the decoder's size bound: all fail.
+    A stream has ``ended`` once the provider's final state has arrived ("end"), whatever follows
+    or whether the caller reads on. An error is final, however the bytes were split. Anything
+    meaningful after the final state or the trailer means the stream was misread, and so does an
+    event the body left unfinished (unless it is the trailer) or one over the decoder's size
+    bound: all fail. Formats whose completeness depends on the request (how many choices, whether
+    usage was asked for) subclass this and override :meth:`classify`.
     """
 
     __slots__ = ("_format", "_decoder")
@@ -190,26 +214,65 @@ class StreamWatcher(ChunkWatcher):
         self._format = wire_format
         self._decoder = SSEDecoder(max_event_bytes)
 
+    def classify(self, event: str | None, data: str) -> str | None:
+        """One event's verdict, as :meth:`WireFormat.stream_event` gives it."""
+        return self._format.stream_event(event, data)
+
     def feed(self, chunk: bytes) -> None:
         if self.failed:
             return
-        events = self._decoder.feed(chunk)
-        for event, data in events:
-            verdict = self._format.stream_event(event, data)
-            if verdict == "error":
-                self.failed = True
-                return
-            if verdict == "end":
-                self.ended = True
-            elif self.ended:
-                self.failed = True
+        for event, data in self._decoder.feed(chunk):
+            self._judge(self.classify(event, data))
+            if self.failed:
                 return
         if self._decoder.error is not None:
             self.failed = True
 
+    def _judge(self, verdict: str | None) -> None:
+        if verdict == "error":
+            self.failed = True
+        elif verdict == "end":
+            if self.trailed:
+                self.failed = True  # the final state after the trailer: not one stream
+            self.ended = True
+        elif verdict == "trailer":
+            self.trailed = True
+        elif verdict != "ignore" and (self.ended or self.trailed):
+            self.failed = True
+
+    @property
+    def in_event(self) -> bool:
+        return self._decoder.in_event
+
     def close(self) -> None:
-        if not self.failed and self._decoder.close():
-            self.failed = True  # the body ended inside an event
+        if self.failed:
+            return
+        for event, data in self._decoder.close():
+            # The body ended inside this event: only a trailer cut short of its blank line is whole.
+            verdict = self.classify(event, data)
+            if verdict in ("trailer", "ignore") and self.ended:
+                self._judge(verdict)
+            else:
+                self.failed = True
+
+
+_EVENT_BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
+
+
+def whole_events(chunks: list[bytes]) -> list[bytes]:
+    """The chunks cut after the last blank line: without an event the caller left unfinished."""
+    joined = b"".join(chunks)
+    boundary = max((match.end() for match in _EVENT_BOUNDARY.finditer(joined)), default=0)
+    kept: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        if size + len(chunk) >= boundary:
+            if boundary > size:
+                kept.append(chunk[: boundary - size])
+            break
+        kept.append(chunk)
+        size += len(chunk)
+    return kept
 
 
 def sse_events(chunks: list[bytes]) -> list[Event]:

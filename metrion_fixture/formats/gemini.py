@@ -5,15 +5,19 @@
 On Vertex the model sits under ``projects/{p}/locations/{l}/publishers/google/models/{m}``.
 The model comes from the path (the body has none), the messages are ``contents``,
 and ``systemInstruction`` counts as the first message. A Gemini stream has no end
-event: it is complete when the body ends cleanly.
+event: it is complete once each candidate asked for has its ``finishReason`` (or the prompt
+was blocked, ``promptFeedback.blockReason``), not merely when the body ends.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .base import (
+    ChunkWatcher,
     Prompt,
+    StreamWatcher,
     Usage,
     WireFormat,
     dump,
@@ -45,7 +49,6 @@ def _split(path: str) -> tuple[str, bool] | None:
 class Gemini(WireFormat):
     name = "gemini"
     provider = "google"
-    has_stream_terminator = False
 
     def matches(self, method: str, path: str) -> bool:
         return method == "POST" and _split(path) is not None
@@ -59,15 +62,19 @@ class Gemini(WireFormat):
             return None
         system = body.get("systemInstruction", body.get("system_instruction"))
         messages = contents if system is None else [{"role": "system", "content": system}, *contents]
-        return Prompt(found[0], messages, found[1])
+        config = body.get("generationConfig", body.get("generation_config"))
+        count = config.get("candidateCount", config.get("candidate_count")) if isinstance(config, dict) else None
+        shape = {"candidates": count} if isinstance(count, int) and not isinstance(count, bool) and count > 1 else None
+        return Prompt(found[0], messages, found[1], shape)
 
     def preview(self, prompt: Prompt) -> str:
         return last_user_text(prompt.messages, ("user", None))  # a content without a role is the user's
 
     def stream_event(self, event: str | None, data: str) -> str | None:
-        if event == "error" or json_error_field(data):
-            return "error"
-        return None
+        return GeminiStreamWatcher(self).classify(event, data)
+
+    def stream_watcher(self, shape: dict[str, Any] | None = None) -> ChunkWatcher:
+        return GeminiStreamWatcher(self, shape)
 
     def usage(self, chunks: list[bytes], stream: bool) -> Usage | None:
         # Every stream chunk may carry usageMetadata, the running totals: the last one is the answer's.
@@ -145,6 +152,40 @@ def _merge_parts(parts: list[dict[str, Any]], more: list[dict[str, Any]]) -> Non
                 last["thoughtSignature"] = part["thoughtSignature"]
         else:
             parts.append(dict(part))
+
+
+class GeminiStreamWatcher(StreamWatcher):
+    """Complete once every candidate asked for (``candidateCount``) has a ``finishReason``, or the prompt was blocked.
+
+    Chunks after that (a last ``usageMetadata``) are allowed: only the final state is needed.
+    """
+
+    __slots__ = ("_candidates", "_finished")
+
+    def __init__(self, wire_format: WireFormat, shape: dict[str, Any] | None = None) -> None:
+        super().__init__(wire_format)
+        self._candidates = (shape or {}).get("candidates", 1)
+        self._finished: set[Any] = set()
+
+    def classify(self, event: str | None, data: str) -> str | None:
+        if event == "error" or json_error_field(data):
+            return "error"
+        if '"finishReason"' not in data and '"blockReason"' not in data:
+            return "ignore" if self.ended else None
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(payload, dict):
+            return None
+        for candidate in payload.get("candidates") or ():
+            if isinstance(candidate, dict) and candidate.get("finishReason"):
+                self._finished.add(candidate.get("index", 0))
+        feedback = payload.get("promptFeedback")
+        blocked = isinstance(feedback, dict) and bool(feedback.get("blockReason"))
+        if blocked or len(self._finished) >= self._candidates or self.ended:
+            return "end"
+        return None
 
 
 WIRE_FORMAT = Gemini()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from .base import (
+    ChunkWatcher,
     Prompt,
+    StreamWatcher,
     Usage,
     WireFormat,
     chat_prompt,
@@ -35,16 +39,22 @@ class OpenAIChat(WireFormat):
             return None
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return Prompt(found[0], found[1], body.get("stream") is True, {"include_usage": include_usage})
+        choices = body.get("n")
+        shape: dict[str, Any] = {"include_usage": include_usage}
+        if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+            shape["choices"] = choices
+        return Prompt(found[0], found[1], body.get("stream") is True, shape)
+
+    # The stream is complete once every choice has its finish_reason and, when the request set
+    # stream_options.include_usage, the usage chunk has arrived: see ChatStreamWatcher.
+    stream_trailer = sse(None, "[DONE]")
 
     def stream_event(self, event: str | None, data: str) -> str | None:
-        # The OpenAI SDK closes the response as soon as it reads [DONE], before the
-        # body is over, so [DONE] itself is the proof of a complete stream.
-        if data.startswith("[DONE]"):
-            return "end"
-        if event == "error" or json_error_field(data):
-            return "error"
-        return None
+        # Without the request's shape: a stream of one choice, no usage asked for.
+        return ChatStreamWatcher(self).classify(event, data)
+
+    def stream_watcher(self, shape: dict[str, Any] | None = None) -> ChunkWatcher:
+        return ChatStreamWatcher(self, shape)
 
     def error_body(self, status: int, message: str) -> dict[str, Any]:
         return openai_error_body(status, message)
@@ -182,6 +192,59 @@ def chat_usage(usage: Any) -> Usage | None:
         cache_read_tokens=number(prompt_details.get("cached_tokens")) if isinstance(prompt_details, dict) else 0,
         reasoning_tokens=number(output_details.get("reasoning_tokens")) if isinstance(output_details, dict) else 0,
     )
+
+
+# Only the chunks that may finish a choice or carry the usage are parsed: the others say
+# "finish_reason": null and no usage, and a stream has thousands of them.
+_FINISHING = re.compile(r'"finish_reason"\s*:\s*"|"usage"\s*:\s*\{')
+
+
+class ChatStreamWatcher(StreamWatcher):
+    """A Chat Completions stream is complete when its final state has arrived, not at [DONE].
+
+    The final state: a finish_reason for each choice asked for (``n``), and the usage chunk when
+    ``stream_options.include_usage`` asked for it. [DONE] is only its trailer; content after the
+    final state means the stream was misread.
+    """
+
+    __slots__ = ("_choices", "_include_usage", "_finished", "_usage")
+
+    def __init__(self, wire_format: WireFormat, shape: dict[str, Any] | None = None) -> None:
+        super().__init__(wire_format)
+        shape = shape or {}
+        self._choices = shape.get("choices", 1)
+        self._include_usage = bool(shape.get("include_usage"))
+        self._finished: set[Any] = set()
+        self._usage = False
+
+    def classify(self, event: str | None, data: str) -> str | None:
+        if data.startswith("[DONE]"):
+            return "trailer"
+        if event == "error" or json_error_field(data):
+            return "error"
+        if not self.ended and _FINISHING.search(data) is None:
+            return None
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(payload, dict):
+            return None
+        content = False
+        for choice in payload.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("finish_reason"):
+                self._finished.add(choice.get("index", 0))
+            elif any(value for value in (choice.get("delta") or {}).values()):
+                content = True
+        if isinstance(payload.get("usage"), dict):
+            self._usage = True
+        if self.ended:
+            return None if content else "ignore"  # only the usage may follow the final state
+        if len(self._finished) >= self._choices and (self._usage or not self._include_usage):
+            return "end"
+        return None
 
 
 WIRE_FORMAT = OpenAIChat()

@@ -150,6 +150,11 @@ class SSEDecoder:
             self._fail()
         return events
 
+    @property
+    def in_event(self) -> bool:
+        """Whether the bytes fed so far stop inside an event (a line or fields not yet ended by a blank line)."""
+        return bool(self._pending) or bool(self._data) or self._event is not None
+
     def close(self) -> list[Event]:
         """The stream is over: the event it left unfinished, if any (see the module's notes)."""
         # As if the stream ended with a line break and a blank line (a CR just read swallows one LF).

@@ -33,7 +33,7 @@ class XaiGrpc(WireFormat):
     def preview(self, prompt: Prompt) -> str:
         return last_user_text(prompt.messages, ("ROLE_USER",))  # the messages in protobuf's JSON form
 
-    def stream_watcher(self) -> ChunkWatcher:
+    def stream_watcher(self, shape: dict[str, Any] | None = None) -> ChunkWatcher:
         # Chunks are serialized protobuf messages: no event in them says the stream ended or failed.
         return ChunkWatcher()
 

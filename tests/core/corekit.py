@@ -122,6 +122,7 @@ class Case:
     stream_field: bool = True  # the body's "stream": true asks for a stream (Gemini: the path does)
     error_event: bytes = b""  # an error event the provider may send mid-stream
     terminator: bytes = b""  # the stream's last event (empty: the format has none)
+    final_state: int = 0  # how many chunks of stream_answer it takes to hold the provider's final state
 
     @property
     def format(self) -> WireFormat:
@@ -225,6 +226,7 @@ ANTHROPIC = Case(
     stream_path="/v1/messages",
     error_event=sse("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
     terminator=sse("message_stop", {"type": "message_stop"}),
+    final_state=6,  # message_delta with its stop_reason
 )
 
 _CHAT_MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
@@ -261,6 +263,7 @@ OPENAI_CHAT = Case(
     stream_path="/v1/chat/completions",
     error_event=sse(None, {"error": {"message": "server had an error", "type": "server_error"}}),
     terminator=sse(None, "[DONE]"),
+    final_state=3,  # the finish chunk (the request did not ask for the usage chunk)
 )
 
 _RESPONSE = {
@@ -313,6 +316,7 @@ OPENAI_RESPONSES = Case(
     stream_path="/v1/responses",
     error_event=sse("error", {"type": "error", "code": "server_error", "message": "server had an error"}),
     terminator=sse("response.completed", {"type": "response.completed", "sequence_number": 2, "response": _RESPONSE}),
+    final_state=3,
 )
 
 _CONTENTS = [{"role": "user", "parts": [{"text": "2+2?"}]}]
@@ -350,6 +354,7 @@ GEMINI = Case(
     stream_query=b"alt=sse",
     stream_field=False,
     error_event=sse(None, {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}),
+    final_state=2,  # the chunk with the finishReason
 )
 
 CASES = {case.name: case for case in (ANTHROPIC, OPENAI_CHAT, OPENAI_RESPONSES, GEMINI)}

@@ -1,6 +1,9 @@
 """A streamed miss: the flow ends in a ``Tee``, the driver feeds the recorder, ``CacheCore.end_stream`` decides.
 
-Only a stream that ended cleanly (its format's terminator, or for Gemini the clean end of the
+Only a stream whose provider's final state arrived (Anthropic's message_delta with a stop_reason,
+OpenAI's finish chunk and the usage chunk when asked for, Responses' response.completed, a
+finishReason for each Gemini candidate) is stored, never a stream without it, however its body
+ended; the
 body), carried no error event and stayed under the size cap is stored, chunk for chunk.
 """
 
@@ -21,6 +24,7 @@ from corekit import (
     header,
     make_core,
     run,
+    sse,
     upstream,
 )
 
@@ -97,27 +101,107 @@ def test_a_stream_the_caller_closed_after_its_terminator_is_stored(case):
 
 
 @each_format
-def test_a_stream_the_caller_closed_before_its_end_is_not_stored(case):
+def test_a_stream_the_caller_closed_after_its_final_state_is_stored_ending_as_the_providers_do(case):
+    # litellm closes an Anthropic stream after message_delta and never reads message_stop: the
+    # answer is whole, and the stored stream gets the trailer the caller did not wait for.
     core = make_core()
     tee = start(core, case)
-    feed(tee, case.stream_answer[:-1])
+    feed(tee, case.stream_answer[: case.final_state])
+    end = core.end_stream(tee, reached_eof=False)
+    assert end.write is not None
+    trailer = {"anthropic_messages": [ANTHROPIC.terminator], "openai_chat": [OPENAI_CHAT.terminator]}
+    expected = case.stream_answer[: case.final_state] + trailer.get(case.name, [])
+    assert list(Entry.decode(end.write.value).chunks) == expected
+
+
+@each_format
+def test_a_stream_the_caller_closed_before_its_final_state_is_not_stored(case):
+    core = make_core()
+    tee = start(core, case)
+    feed(tee, case.stream_answer[: case.final_state - 1])
     assert core.end_stream(tee, reached_eof=False).write is None
 
 
-def test_a_gemini_stream_closed_by_the_caller_is_not_stored_even_with_every_event():
-    # Gemini has no end event: only the clean end of the body says the answer is whole.
+@each_format
+def test_a_stream_whose_body_ended_cleanly_without_its_final_state_is_not_stored(case):
+    # Anthropic's message_stop, OpenAI's [DONE] or a clean end of a Gemini body prove nothing by themselves.
+    core = make_core()
+    tee = start(core, case)
+    feed(tee, [*case.stream_answer[: case.final_state - 1], *case.stream_answer[case.final_state :]])
+    assert core.end_stream(tee, reached_eof=True) == StreamEnd(None, None)
+
+
+def test_an_anthropic_message_delta_without_a_stop_reason_is_not_the_final_state():
+    core = make_core()
+    tee = start(core, ANTHROPIC)
+    interim = sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": None}, "usage": {}})
+    feed(tee, [*ANTHROPIC.stream_answer[:5], interim])
+    assert core.end_stream(tee, reached_eof=False).write is None
+
+
+def test_a_trailer_the_caller_left_unfinished_is_replaced_by_a_whole_one():
+    core = make_core()
+    tee = start(core, ANTHROPIC)
+    half = ANTHROPIC.terminator[:15]
+    feed(tee, [*ANTHROPIC.stream_answer[:5], ANTHROPIC.stream_answer[5] + half])
+    end = core.end_stream(tee, reached_eof=False)
+    chunks = list(Entry.decode(end.write.value).chunks)
+    assert chunks == [*ANTHROPIC.stream_answer[:6], ANTHROPIC.terminator]
+
+
+def test_an_openai_stream_that_asked_for_usage_is_complete_only_with_its_usage_chunk():
+    usage_asked = {"stream_options": {"include_usage": True}}
+    core = make_core()
+    tee = start(core, OPENAI_CHAT, extra=usage_asked)
+    feed(tee, OPENAI_CHAT.stream_answer[:3])  # the finish chunk, then the caller leaves
+    assert core.end_stream(tee, reached_eof=False).write is None
+    core = make_core()
+    tee = start(core, OPENAI_CHAT, extra=usage_asked)
+    feed(tee, OPENAI_CHAT.stream_answer[:4])
+    end = core.end_stream(tee, reached_eof=False)
+    assert list(Entry.decode(end.write.value).chunks) == OPENAI_CHAT.stream_answer  # [DONE] added
+    core = make_core()
+    tee = start(core, OPENAI_CHAT, extra=usage_asked)
+    feed(tee, [*OPENAI_CHAT.stream_answer[:3], OPENAI_CHAT.terminator])  # [DONE] without the usage
+    assert core.end_stream(tee, reached_eof=True).write is None
+
+
+def test_an_openai_stream_of_several_choices_is_complete_when_each_has_finished():
+    chunk = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": "gpt-4o-mini"}
+
+    def choice(index: int, delta: dict, finish: str | None = None) -> bytes:
+        return sse(None, {**chunk, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+
+    first = [choice(0, {"role": "assistant", "content": "4"}), choice(0, {}, "stop")]
+    second = [choice(1, {"role": "assistant", "content": "four"}), choice(1, {}, "stop")]
+    core = make_core()
+    tee = start(core, OPENAI_CHAT, extra={"n": 2})
+    feed(tee, [*first, second[0]])
+    assert core.end_stream(tee, reached_eof=False).write is None
+    core = make_core()
+    tee = start(core, OPENAI_CHAT, extra={"n": 2})
+    feed(tee, [*first, *second, OPENAI_CHAT.terminator])
+    assert core.end_stream(tee, reached_eof=False).write is not None
+
+
+def test_a_gemini_stream_is_complete_at_its_finish_reason_or_a_blocked_prompt():
     core = make_core()
     tee = start(core, GEMINI)
-    feed(tee, GEMINI.stream_answer)
-    assert core.end_stream(tee, reached_eof=False).write is None
-
-
-@with_terminator
-def test_a_stream_whose_body_ended_without_its_terminator_is_not_stored(case):
+    feed(tee, GEMINI.stream_answer[:1])
+    assert core.end_stream(tee, reached_eof=True).write is None  # a clean end, no finishReason
+    blocked = sse(
+        None,
+        {
+            "promptFeedback": {"blockReason": "SAFETY", "safetyRatings": []},
+            "usageMetadata": {"promptTokenCount": 8, "totalTokenCount": 8},
+            "modelVersion": "gemini-2.0-flash",
+        },
+        crlf=True,
+    )
     core = make_core()
-    tee = start(core, case)
-    feed(tee, case.stream_answer[:-1])
-    assert core.end_stream(tee, reached_eof=True) == StreamEnd(None, None)
+    tee = start(core, GEMINI)
+    feed(tee, [blocked])
+    assert core.end_stream(tee, reached_eof=True).write is not None
 
 
 @each_format
