@@ -430,7 +430,6 @@ def test_sqlite_read_only(sqlite_url):
 STORE_OWNER = "waits for stores/ (being changed by another engineer when this suite was written): issue 14, item "
 
 
-@pytest.mark.xfail(strict=True, reason=STORE_OWNER + "6")
 def test_sqlite_deleted_while_running_is_recreated(sqlite_url):
     """Issue 14, item 6: the file deleted under a running process; requests succeed, and caching comes back."""
     session, provider = session_on(sqlite_url), Echo()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import redis.asyncio
 from metrion_fixture import stores
 from metrion_fixture.errors import MetrionCacheError
 from metrion_fixture.stores import default_store_url, open_store
+from metrion_fixture.stores import sqlite as sqlite_store
 from metrion_fixture.stores.base import Store
 from metrion_fixture.stores.memory import MemoryStore
 from metrion_fixture.stores.redis import RedisStore
@@ -233,6 +235,66 @@ async def test_sqlite_aset_does_not_block_the_loop(tmp_path: Path) -> None:
     await task
     assert store.get("k") == b"v"
     blocker.close()
+    store.close()
+
+
+def in_a_new_thread(function, *args):
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(function(*args)))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def test_sqlite_file_deleted_under_the_process_is_recreated(tmp_path: Path) -> None:
+    """Issue 14, item 6: a new thread's connection finds the schema again, and a thread whose
+    connection still holds the deleted file moves to the new one within the check interval."""
+    path = tmp_path / "dir" / "cache.sqlite3"
+    store = SQLiteStore(path)
+    store.set("old", b"v", 60)
+    assert store.get("old") == b"v"
+    shutil.rmtree(path.parent)
+    in_a_new_thread(store.set, "new", b"w", 60)  # a new connection: a new file, with its schema
+    assert in_a_new_thread(store.get, "new") == b"w"
+    deadline = time.monotonic() + sqlite_store._FILE_CHECK_SECONDS + 1
+    while store.get("new") is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert store.get("new") == b"w" and store.get("old") is None  # this thread left the deleted file
+    store.close()
+
+
+async def test_sqlite_file_deleted_is_prepared_off_the_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Preparing the new file writes (and may wait for a lock): never on the event loop's thread."""
+    path = tmp_path / "cache.sqlite3"
+    store = SQLiteStore(path)
+    await store.aset("k", b"v", 60)
+    assert await store.aget("k") == b"v"
+    path.unlink()
+    prepared_on: list[threading.Thread] = []
+    prepare = SQLiteStore._prepare_file
+    monkeypatch.setattr(
+        SQLiteStore,
+        "_prepare_file",
+        staticmethod(lambda conn: (prepared_on.append(threading.current_thread()), prepare(conn))),
+    )
+    store._local.next_check = 0.0  # this thread looks at the file at its next call
+    assert await store.aget("k") is None
+    assert prepared_on and threading.current_thread() not in prepared_on
+    store.close()
+
+
+def test_sqlite_tables_dropped_come_back_after_one_failed_call(tmp_path: Path) -> None:
+    """Someone empties the file (same file, no tables): one call fails, the next re-creates the schema."""
+    path = tmp_path / "cache.sqlite3"
+    store = SQLiteStore(path)
+    store.set("k", b"v", 60)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("DROP TABLE entries")
+    other.close()
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        store.set("k", b"v", 60)
+    store.set("k", b"w", 60)
+    assert store.get("k") == b"w"
     store.close()
 
 

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import os
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from metrion_fixture.stores.base import Store
 from metrion_fixture.stores.near import NearCache
 
 _BUSY_TIMEOUT_MS = 5000
 _PURGE_EVERY = 1000
+_FILE_CHECK_SECONDS = 1.0  # how soon a thread notices that the file was deleted or replaced
 _NEAR_CACHE_BYTES = 16 * 1024 * 1024  # per thread: each thread has its own connection and its own near cache
 # Threads for async callers' writes and locks (each with its own connection): SQLite has one writer
 # at a time anyway, and an event loop's default executor is left to the application.
@@ -47,6 +50,26 @@ def _prefix_upper_bound(prefix: str) -> str | None:
     return None
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _heals_schema(method: _Method) -> _Method:
+    """A missing table (the file emptied or replaced under the process) fails this call, as any store
+    error does (the breaker opens); the next call, after the breaker's cool-down, opens a new connection
+    and re-creates the schema, instead of failing with the same error forever."""
+
+    @functools.wraps(method)
+    def guarded(self: SQLiteStore, *args: Any) -> Any:
+        try:
+            return method(self, *args)
+        except sqlite3.OperationalError as error:
+            if "no such table" in str(error):
+                self._schema_lost()
+            raise
+
+    return guarded  # type: ignore[return-value]
+
+
 class SQLiteStore(Store):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path).absolute()
@@ -55,29 +78,79 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._conns: list[sqlite3.Connection] = []
         self._pid = os.getpid()
-        self._ready = False
+        # The file (device, inode) whose schema this process has checked, and what each thread's
+        # connection opened: a file deleted or replaced under a running process is noticed there.
+        self._ready_file: tuple[int, int] | None = None
         self._sets = itertools.count(1)
         # Connections inherited over fork() must never be used or closed by the child.
         self._forked: list[sqlite3.Connection] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._executor_pid = 0
 
-    def _conn(self) -> sqlite3.Connection:
+    def _conn(self, check_file: bool = True) -> sqlite3.Connection:
+        return self._connection(check_file)[0]
+
+    def _connection(self, check_file: bool) -> tuple[sqlite3.Connection, Any]:
+        """This thread's connection and the thread-local state that goes with it (a close() racing
+        this call replaces ``self._local``; the pair stays consistent)."""
         if self._pid != os.getpid():
             with self._lock:
                 if self._pid != os.getpid():
                     self._forked.extend(self._conns)
                     self._conns, self._local = [], threading.local()
                     self._pid = os.getpid()
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        local = self._local
+        conn: sqlite3.Connection | None = getattr(local, "conn", None)
+        if conn is not None and (check_file or time.monotonic() >= local.next_check):
+            # A file deleted (or replaced) under the process stays open in this connection, where nobody
+            # else would see a write: start on the file that is there now, with its schema. A stat costs
+            # about as much as a near-cache hit, so reads look at most once per interval (until then they
+            # may answer from the deleted file: whole answers, stored before it was deleted); every
+            # write, lock and delete looks first, so it always lands in the file that is there.
+            local.next_check = time.monotonic() + _FILE_CHECK_SECONDS
+            if local.file != self._file_id():
+                self._drop_connection(local)
+                conn = None
         if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            self._local.near = NearCache(_NEAR_CACHE_BYTES)
-            self._local.version = None
-        return conn
+            conn, file = self._connect()
+            local.conn, local.file = conn, file
+            local.next_check = time.monotonic() + _FILE_CHECK_SECONDS
+            local.near = NearCache(_NEAR_CACHE_BYTES)
+            local.version = None
+        return conn, local
 
-    def _connect(self) -> sqlite3.Connection:
+    def _would_prepare(self, check_file: bool) -> bool:
+        """Whether this thread's next ``_conn(check_file)`` prepares the file (a write, which may wait for a lock)."""
+        if self._ready_file is None:
+            return True
+        if not check_file and getattr(self._local, "conn", None) is not None:
+            if time.monotonic() < self._local.next_check:
+                return False
+        return self._file_id() != self._ready_file
+
+    def _file_id(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def _drop_connection(self, local: Any) -> None:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            return
+        local.conn = None
+        with self._lock:
+            if conn in self._conns:
+                self._conns.remove(conn)
+        conn.close()
+
+    def _schema_lost(self) -> None:
+        """A table is missing (the file was emptied or replaced): check the schema on the next connection."""
+        self._ready_file = None
+        self._drop_connection(self._local)
+
+    def _connect(self) -> tuple[sqlite3.Connection, tuple[int, int]]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection per thread; check_same_thread=False only so close() can
         # close every thread's connection from the thread that calls it.
@@ -88,10 +161,14 @@ class SQLiteStore(Store):
             check_same_thread=False,
         )
         try:
+            # Opening created the file if it was missing; read its identity now that it exists.
+            file = self._file_id()
+            if file is None:
+                raise sqlite3.OperationalError(f"{self.path} was deleted while it was being opened")
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            if not self._ready:
+            if file != self._ready_file:
                 self._prepare_file(conn)
-                self._ready = True
+                self._ready_file = file
             # Safe in WAL mode (a crash loses at most the last writes): enough for a cache.
             conn.execute("PRAGMA synchronous = NORMAL")
         except BaseException:
@@ -99,7 +176,7 @@ class SQLiteStore(Store):
             raise
         with self._lock:
             self._conns.append(conn)
-        return conn
+        return conn, file
 
     @staticmethod
     def _prepare_file(conn: sqlite3.Connection) -> None:
@@ -132,7 +209,7 @@ class SQLiteStore(Store):
         return "key >= ? AND key < ?", (prefix, upper)
 
     def get(self, key: str) -> bytes | None:
-        conn, local = self._conn(), self._local
+        conn, local = self._connection(check_file=False)
         # What this thread read lately is kept in memory, valid until any other connection (another
         # thread or process) commits a change to the file: data_version tells, exactly and cheaply.
         # This connection's own writes do not move it; set() and delete_prefix() update the near cache.
@@ -145,15 +222,21 @@ class SQLiteStore(Store):
         value = near.get(key, now)
         if value is not None:
             return value
-        row = conn.execute(
-            "SELECT value, expires_at FROM entries WHERE key = ? AND expires_at > ?", (key, now)
-        ).fetchone()
+        row = self._select(conn, key, now)
         if row is None:
             return None
         value = bytes(row[0])
         near.put(key, value, row[1])
         return value
 
+    @_heals_schema  # the hit path above touches no table
+    def _select(self, conn: sqlite3.Connection, key: str, now: float) -> tuple[bytes, float] | None:
+        found: tuple[bytes, float] | None = conn.execute(
+            "SELECT value, expires_at FROM entries WHERE key = ? AND expires_at > ?", (key, now)
+        ).fetchone()
+        return found
+
+    @_heals_schema
     def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
         if ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds must be positive, got {ttl_seconds!r}")
@@ -174,8 +257,8 @@ class SQLiteStore(Store):
     # another process, for up to the busy timeout) runs on a worker thread. Reads stay on the loop's
     # thread, with its near cache: in WAL mode a reader never waits for a writer.
     async def aget(self, key: str) -> bytes | None:
-        if not self._ready:
-            # The first connection of the process prepares the file, which writes (schema, purge).
+        if self._would_prepare(check_file=False):
+            # The first connection to a file prepares it, which writes (schema, purge): on a worker.
             await self._off_loop(self._conn)
         return self.get(key)
 
@@ -201,7 +284,7 @@ class SQLiteStore(Store):
         await self._off_loop(self.release, key, token)
 
     async def alocked(self, key: str) -> bool:
-        if not self._ready:
+        if self._would_prepare(check_file=True):
             await self._off_loop(self._conn)
         return self.locked(key)
 
@@ -218,6 +301,7 @@ class SQLiteStore(Store):
                     self._executor_pid = os.getpid()
         return self._executor.submit(function, *args)
 
+    @_heals_schema
     def acquire(self, key: str, token: str, ttl_ms: int) -> bool:
         conn, now = self._conn(), time.time()
         with conn:
@@ -229,13 +313,16 @@ class SQLiteStore(Store):
             ).rowcount
         return inserted == 1
 
+    @_heals_schema
     def release(self, key: str, token: str) -> None:
         self._conn().execute("DELETE FROM locks WHERE key = ? AND token = ?", (key, token))
 
+    @_heals_schema
     def locked(self, key: str) -> bool:
         row = self._conn().execute("SELECT 1 FROM locks WHERE key = ? AND expires_at > ?", (key, time.time()))
         return row.fetchone() is not None
 
+    @_heals_schema
     def ttl(self, key: str) -> float | None:
         now = time.time()
         row = (
@@ -245,6 +332,7 @@ class SQLiteStore(Store):
         )
         return None if row is None else row[0] - now
 
+    @_heals_schema
     def delete(self, key: str) -> bool:
         conn = self._conn()
         try:
@@ -256,6 +344,7 @@ class SQLiteStore(Store):
             self._local.near.discard(key)
         return live == 1
 
+    @_heals_schema
     def delete_prefix(self, prefix: str) -> int:
         where, args = self._range(prefix)
         conn = self._conn()
@@ -268,6 +357,7 @@ class SQLiteStore(Store):
         finally:
             self._local.near.clear()
 
+    @_heals_schema
     def keys(self, prefix: str) -> list[str]:
         where, args = self._range(prefix)
         rows = self._conn().execute(
