@@ -30,7 +30,7 @@ from metrion_fixture.cli import main
 from metrion_fixture.integrations.dashboard import DashboardApp
 from metrion_fixture.integrations.server import ProxyApp
 from metrion_fixture.reporting.reports import dollars, duration, tokens
-from metrion_fixture.runtime.ledger import PREFIX
+from metrion_fixture.runtime.ledger import PREFIX, read_records
 from metrion_fixture.stores import open_store
 from metrion_fixture.testing.provider import make_answer
 
@@ -307,6 +307,35 @@ def test_serve_answers_the_dashboard_beside_its_routes(run, url):
     assert get(ProxyApp(session), "/nowhere/v1").status_code == 404
 
 
+def test_serve_shows_its_own_calls_before_its_ledger_batch_is_written(provider, url):
+    """serve writes its ledger every few minutes: its dashboard adds the calls still waiting, once each."""
+    session = metrion_fixture.CacheSession(url, namespace="proxy", mode="true")
+    app = ProxyApp(session, {"openai": provider.url}, ledger_flush_seconds=0)
+    body = {"model": "gpt-4o", "messages": ask("What are your delivery times?")}
+
+    async def go() -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://proxy.test") as client:
+            tags = []
+            for _ in range(2):
+                response = await client.post("/openai/v1/chat/completions", json=body)
+                tags.append(response.headers["x-metrion-cache"])
+            logs = (await client.get("/_metrion/api/logs")).json()
+            savings = (await client.get("/_metrion/api/savings?period=today")).json()
+            return tags, logs, savings
+
+    tags, logs, savings = asyncio.run(go())
+    assert tags == ["MISS", "HIT"]
+    assert read_records(open_store(url)) == [], "nothing written yet"
+    assert [row["status"] for row in logs["rows"]] == ["HIT", "MISS"]
+    assert (savings["totals"]["requests"], savings["totals"]["hits"]) == (2, 1)
+    assert session.flush_ledger() == 2
+    # A batch written between the look at the waiting records and the read of the store is in both.
+    store = open_store(url)
+    both = get(DashboardApp(store, unwritten=lambda: read_records(store)), "/_metrion/api/logs").json()
+    assert both["matched"] == 2, "a record both written and still waiting is counted once"
+
+
 def test_the_dashboard_command_refuses_an_open_address_without_a_token(url, capsys):
     """metrion-cache dashboard listens on 127.0.0.1 only, unless given a token (as serve)."""
     open_store(url).set("probe", b"1", 60)  # the store exists: the refusal is about the address
@@ -489,6 +518,8 @@ def test_the_dashboard_in_a_real_browser(provider, url, tmp_path):
             page.wait_for_selector("body[data-loaded='1']")
             within = [record for record in records if record["at"] >= time.time() - 30 * DAY]
             check_cached_badges(page, within)
+            expect(page.locator("#periods")).to_be_hidden()  # a report is of one period: it says which
+            assert page.locator("#period-label").inner_text() == "Last 30 days"
             assert card_figures(page) == want_figures(expected(records, time.time() - 30 * DAY))
             page.select_option("select[data-filter=status]", "HIT")
             assert page.locator("tr.call").count() == sum(record["status"] == "HIT" for record in within)

@@ -53,11 +53,23 @@ _PAGE_HEADERS = [
 
 
 class DashboardApp:
-    """The dashboard of the ledger in ``store`` (a Store, or a function that gives the current one)."""
+    """The dashboard of the ledger in ``store`` (a Store, or a function that gives the current one).
 
-    def __init__(self, store: Store | Callable[[], Store], *, token: str | bytes | None = None) -> None:
+    ``unwritten`` gives the records of this process not yet written to the ledger (serve's own calls:
+    its batches are written every few minutes, not on each call).
+    """
+
+    def __init__(
+        self,
+        store: Store | Callable[[], Store],
+        *,
+        token: str | bytes | None = None,
+        unwritten: dashboard.Unwritten | None = None,
+    ) -> None:
         self._store = store
         self.token = token.encode() if isinstance(token, str) else token or None
+        # A process that makes calls itself (serve) shows them before its ledger batch is written.
+        self.unwritten = unwritten
 
     @property
     def store(self) -> Store:
@@ -110,12 +122,14 @@ class DashboardApp:
     # Each runs in a thread: the stores' calls block.
 
     def _savings(self, query: dict[str, str]) -> dict[str, Any]:
-        return dashboard.savings(self.store, query.get("period") or "7d", query.get("namespace") or None)
+        period, namespace = query.get("period") or "7d", query.get("namespace") or None
+        return dashboard.savings(self.store, period, namespace, unwritten=self.unwritten)
 
     def _logs(self, query: dict[str, str]) -> dict[str, Any]:
         limit = int(query.get("limit") or dashboard.DEFAULT_LOG_LIMIT)
         store = self.store
-        return {**dashboard.logs(store, dashboard.parse_filters(query), limit), "store": mask_password(store.url)}
+        listed = dashboard.logs(store, dashboard.parse_filters(query), limit, unwritten=self.unwritten)
+        return {**listed, "store": mask_password(store.url)}
 
     def _call(self, query: dict[str, str]) -> dict[str, Any]:
         missing = [name for name in ("namespace", "wire_format", "key") if not query.get(name)]

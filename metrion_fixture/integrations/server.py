@@ -154,7 +154,7 @@ class ProxyApp:
         # every user of the proxy, and follow redirects that the user's SDK should see.
         self.inner = inner
         self.ledger_flush_seconds = ledger_flush_seconds
-        self.dashboard = DashboardApp(lambda: self.session.store, token=self.token)
+        self.dashboard = DashboardApp(lambda: self.session.store, token=self.token, unwritten=self._unwritten)
         self._flusher: asyncio.Task[None] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -268,6 +268,10 @@ class ProxyApp:
             # The provider broke its stream: ours ends unfinished too (uvicorn closes the connection
             # without the last chunk), so the client sees a cut stream, not a complete short one.
             log.warning("the provider's stream broke: %r", relay.exception())
+
+    def _unwritten(self) -> list[dict[str, Any]]:
+        sink = self.session.ledger.sink
+        return sink.unwritten() if sink is not None else []
 
     # -- start and stop ---------------------------------------------------------------------------
 

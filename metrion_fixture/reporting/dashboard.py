@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any
 
@@ -28,6 +28,7 @@ __all__ = [
     "FILTERS",
     "PERIODS",
     "call_detail",
+    "ledger_records",
     "logs",
     "period_since",
     "render_page",
@@ -70,13 +71,43 @@ def _rate(totals: Totals) -> str:
     return "–" if totals.hit_rate is None else f"{totals.hit_rate:.0%}"
 
 
+Unwritten = Callable[[], list[dict[str, Any]]]
+
+
+def ledger_records(
+    store: Store, namespace: str | None = None, since: float | None = None, unwritten: Unwritten | None = None
+) -> list[dict[str, Any]]:
+    """The ledger's records, oldest first, with ``unwritten()``'s: a live process's calls not yet in the store.
+
+    The unwritten ones are taken first: a batch written meanwhile is then in both, and counted once.
+    """
+    waiting = unwritten() if unwritten is not None else []
+    records = read_records(store, namespace, since)
+    if not waiting:
+        return records
+    seen = {(record.get("key"), record.get("at"), record.get("status")) for record in records}
+    for record in waiting:
+        kept = (namespace is None or record.get("namespace") == namespace) and (
+            since is None or record.get("at", 0) >= since
+        )
+        if kept and (record.get("key"), record.get("at"), record.get("status")) not in seen:
+            records.append(record)
+    records.sort(key=lambda record: record.get("at", 0))
+    return records
+
+
 def savings(
-    store: Store, period: str = "7d", namespace: str | None = None, *, now: float | None = None
+    store: Store,
+    period: str = "7d",
+    namespace: str | None = None,
+    *,
+    now: float | None = None,
+    unwritten: Unwritten | None = None,
 ) -> dict[str, Any]:
     """The Savings card: what the cache saved in ``period``, its hit rate, and the hits, misses and dollars per day."""
     now = time.time() if now is None else now
     since = period_since(period, now)
-    records = [record for record in read_records(store, namespace, since) if record.get("at", 0) <= now]
+    records = [record for record in ledger_records(store, namespace, since, unwritten) if record.get("at", 0) <= now]
     return savings_of(records, period, since, now)
 
 
@@ -206,10 +237,11 @@ def logs(
     limit: int = DEFAULT_LOG_LIMIT,
     *,
     since: float | None = None,
+    unwritten: Unwritten | None = None,
 ) -> dict[str, Any]:
     """The Logs table: the latest ``limit`` calls of the ledger, newest first, filtered."""
     namespace = (filters or {}).get("namespace") or None
-    return logs_of(read_records(store, namespace, since), filters, limit)
+    return logs_of(ledger_records(store, namespace, since, unwritten), filters, limit)
 
 
 def _detail(stored: StoredEntry, now: float) -> dict[str, Any]:

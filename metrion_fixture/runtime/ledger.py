@@ -89,6 +89,12 @@ class StoredLedger:
         if full:
             _thread.wake()
 
+    def unwritten(self) -> list[dict[str, Any]]:
+        """The records not yet in the store, as :func:`read_records` gives them (a live dashboard adds them)."""
+        with self._lock:
+            pending = list(self.pending)
+        return [{**vars(record), "namespace": self.namespace} for record in pending]
+
     def replace(self, old: CallRecord, new: CallRecord) -> None:
         with self._lock:
             for index in range(len(self.pending) - 1, -1, -1):
