@@ -506,7 +506,7 @@ def test_purge_older_than_keeps_newer_entries_sharing_a_prefix(kind, tmp_path, c
         entry = Entry(200, [], [b"{}"], False, time.time() - age, 30 * 86400, "claude-test", "anthropic_messages", key)
         store.set(where, Entry(**{**entry.__dict__, "storage_key": where}).encode(), 30 * 86400)
     assert main(["purge", "--url", url, "--namespace", namespace, "--older-than", "1d"]) == 0
-    assert "removed 1 stored answers" in capsys.readouterr().out
+    assert "removed 1 stored answer (" in capsys.readouterr().out
     assert store.get(shared) is None and store.get(scoped) is not None, "a newer entry was purged"
 
 
