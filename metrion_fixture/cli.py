@@ -448,7 +448,7 @@ def report_command(args: argparse.Namespace, store: Store) -> int:
     text = data["savings"]["text"]
     calls = data["savings"]["totals"]["requests"]
     print(
-        f"metrion cache: wrote {args.html} ({data['savings']['label'].lower()}: {calls} calls, "
+        f"metrion cache: wrote {args.html} ({data['savings']['label'].lower()}: {plural(calls, 'call')}, "
         f"hit rate {text['hit_rate']}, saved {text['saved_usd']})"
     )
     return 0
@@ -476,11 +476,12 @@ def import_cassettes_command(args: argparse.Namespace) -> int:
         )
     if report.store_failures:
         print(
-            f"{report.store_failures} answers could not be written to {report.url}: is the store running?",
+            f"{plural(report.store_failures, 'answer')} could not be written to {report.url}: is the store running?",
             file=sys.stderr,
         )
     print(
-        f"imported {report.imported} answers from {len(report.cassettes)} cassettes into {report.url} "
+        f"imported {plural(report.imported, 'answer')} from {plural(len(report.cassettes), 'cassette')} "
+        f"into {report.url} "
         f"(namespace {report.namespace}); skipped {len(report.skipped)}"
         + (f"; {plural(len(report.collisions), 'key collision')}" if report.collisions else "")
     )

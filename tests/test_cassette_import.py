@@ -150,7 +150,7 @@ def test_imported_cassette_replays_with_no_provider_call(serializer, pytester, p
     code = cli_main(["import-cassettes", str(pytester.path / "cassettes"), "--url", store, "--namespace", "imported"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "imported 5 answers from 1 cassettes" in out and "skipped 2" in out
+    assert "imported 5 answers from 1 cassette into" in out and "skipped 2" in out
     assert "POST " in out and "the provider answered HTTP 500 (only successes are cached)" in out
     assert f"skipped GET {provider.url}/v1/models" in out and "not an LLM request" in out
 
@@ -195,7 +195,7 @@ def test_import_command_entry_point_ttl_and_unreadable_cassettes(tmp_path, provi
         check=False,
     )
     assert result.returncode == 1, result.stderr
-    assert "imported 5 answers from 1 cassettes" in result.stdout
+    assert "imported 5 answers from 1 cassette into" in result.stdout
     assert f"could not read {broken}" in result.stderr
     key = f"metrion:anthropic_messages:json:{cache_key('claude-test', user(QUESTIONS['anthropic']))}"
     assert 29 * 86400 < open_store(store).ttl(key) <= 30 * 86400

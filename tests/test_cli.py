@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from provider_sdk_calls import call as provider_call
@@ -406,3 +407,15 @@ def test_no_arguments_prints_the_help(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: metrion-cache") and all(name in out for name in ("stats", "ls", "show", "purge"))
+
+
+def test_the_readme_and_the_notebook_use_models_that_have_a_price():
+    """The first thing a user sees has dollars: every model in the README's examples and the notebook is priced."""
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    notebook = (root / "notebooks" / "quickstart.ipynb").read_text()
+    models = set(re.findall(r"""model[=:] ?["']([\w.-]+)["']""", readme))
+    models |= set(re.findall(r'dspy\.LM\("\w+/([\w.-]+)"', readme))
+    models |= set(re.findall(r'METRION_DEMO_MODEL\\", \\"([\w.-]+)\\"', notebook))
+    assert "claude-sonnet-4-5" in models and len(models) >= 3, models
+    assert [model for model in sorted(models) if prices.price_for(model) is None] == []

@@ -7,6 +7,7 @@ cache store is a SQLite file in tmp_path (METRION_CACHE_URL), which outlives the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import nbformat
@@ -77,6 +78,8 @@ def test_quickstart_reruns_from_the_cache_after_a_kernel_restart(kernel_env: Pat
     assert miss["text/plain"] == "metrion cache: 0 from cache, 1 from the provider"
     [hit] = reports(cell_by_id(first, "rerun"))
     assert hit["text/plain"].startswith("metrion cache: 1 from cache, 0 from the provider, ")
+    # The notebook's model has a price: the first hit a user sees says what it saved in dollars.
+    assert re.search(r" tokens saved \(\$0\.\d{4}\)$", hit["text/plain"]), hit["text/plain"]
     assert ">cached</span>" in hit["text/html"]
     [refreshed] = reports(cell_by_id(second, "refresh-call"))
     assert refreshed["text/plain"] == "metrion cache: 0 from cache, 1 from the provider (1 refreshed)"

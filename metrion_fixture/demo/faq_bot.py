@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..api import cache
+from ..reporting.reports import plural
 from ..testing.provider import SimulatedProvider
 
 DEMO_NAMESPACE = "metrion-demo"
@@ -47,7 +48,10 @@ def run_demo(url: str | None = None, *, latency: float = 0.8, out: TextIO = sys.
         cleared = session.clear()
         print(f"metrion-cache demo: simulated provider at {provider.url}, cache store {session.url}", file=out)
         if cleared:
-            print(f"(cleared {cleared} entries of an earlier demo run, so the first call is a real miss)", file=out)
+            print(
+                f"(cleared {plural(cleared, 'entry')} of an earlier demo run, so the first call is a real miss)",
+                file=out,
+            )
         client = anthropic.Anthropic(base_url=provider.url, api_key="demo-no-key-needed", max_retries=0)
         system = "You are the FAQ bot of an online shop. Answer in one or two sentences."
         for who, question, streamed in script:
@@ -86,7 +90,10 @@ def _print_table(rows: list[Row], provider_calls: int, out: TextIO) -> None:
     misses = [row.latency_ms for row in rows if row.cache != "HIT"]
     hits = [row.latency_ms for row in rows if row.cache == "HIT"]
     print(file=out)
-    print(f"{len(rows)} requests, {provider_calls} reached the provider, {len(hits)} answered by the cache.", file=out)
+    print(
+        f"{plural(len(rows), 'request')}, {provider_calls} reached the provider, {len(hits)} answered by the cache.",
+        file=out,
+    )
     if misses and hits:
         miss_ms, hit_ms = sum(misses) / len(misses), sum(hits) / len(hits)
         speedup = miss_ms / hit_ms
