@@ -452,7 +452,6 @@ def test_sqlite_deleted_while_running_is_recreated(sqlite_url):
 # -- Redis: secrets and the near cache (issue 14, items 7 and 12) ---------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=STORE_OWNER + "7")
 @pytest.mark.parametrize("password", ["pa#ss-7f3k", "pa/ss-7f3k", "pa?ss-7f3k", "p@ss:w#rd-7f3k"])
 def test_a_redis_password_never_shows_in_errors(password, caplog):
     """A password with characters a URL should have encoded: the warning, the error and the masked URL never hold it."""

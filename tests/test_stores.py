@@ -474,3 +474,15 @@ def test_bad_url_error_hides_password() -> None:
         open_store("redis://user:hunter2@localhost:notaport")
     assert "hunter2" not in str(info.value)
     assert "user:***@" in str(info.value)
+
+
+@pytest.mark.parametrize("password", ["pa#ss-7f3k", "pa/ss-7f3k", "pa?ss-7f3k", "p@ss/w#rd-7f3k"])
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_a_password_a_url_would_cut_is_refused_without_showing_it(scheme: str, password: str) -> None:
+    """Issue 14, item 7: a URL parser would cut such a password and connect elsewhere with a part of it."""
+    with pytest.raises(MetrionCacheError) as info:
+        open_store(f"{scheme}://user:{password}@localhost:6390/0")
+    message = str(info.value)
+    assert "percent-encode" in message and f"{scheme}://user:***@localhost:6390/0" in message
+    for fragment in (password, password[:4], password[-6:]):
+        assert fragment not in message

@@ -585,10 +585,53 @@ def _replaced(options: CacheOptions, changes: Mapping[str, object]) -> CacheOpti
     return dataclasses.replace(options, **given) if given else options
 
 
-_PASSWORD_IN_URL = re.compile(r"^([^:/?#]+://[^:/?#@]*):[^/?#@]*@")
-_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&#]*")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# An @ inside a query value (?client_name=a@b): text after ? or & up to it reads NAME=VALUE.
+_QUERY_VALUE_BEFORE = re.compile(r"[?&][A-Za-z_][A-Za-z0-9_]*=[^&]*$")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&]*")
+_URL_CUTS = frozenset("/?#")
+
+
+def userinfo_span(url: str) -> tuple[int, int] | None:
+    """Where the user name and password of ``url`` lie (start, end of the text before its ``@``), or None.
+
+    Read on the raw string, as written, not as a URL parser would: a password holding an unencoded
+    ``#``, ``/``, ``?`` or ``@`` still ends at the last ``@`` of the authority (an ``@`` in a query
+    value, as in ``?client_name=a@b``, is not one), so the whole of it is found whatever it holds.
+    """
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        return None
+    start, end = scheme.end(), len(url)
+    if url.startswith("/", start):  # sqlite:///path, unix:///path: no authority, an @ is in the path
+        return None
+    while True:
+        at = url.rfind("@", start, end)
+        if at < 0:
+            return None
+        in_query = _QUERY_VALUE_BEFORE.search(url, start, at)
+        if in_query is None:
+            return start, at
+        end = in_query.start()  # the authority, if any, lies before this query
+
+
+def has_unencoded_userinfo(url: str) -> bool:
+    """Whether the user name or password of ``url`` holds a character a URL parser would cut it at."""
+    span = userinfo_span(url)
+    return span is not None and not _URL_CUTS.isdisjoint(url[span[0] : span[1]])
 
 
 def mask_password(url: str) -> str:
-    """A store URL fit to print: passwords hidden."""
-    return _PASSWORD_PARAM.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1:***@", url))
+    """A store URL fit to print: any password (in the userinfo or the query) replaced by ``***``.
+
+    The one masking helper (stores and surfaces all use it). It works on the raw string and never
+    parses it, so it also masks URLs that fail to parse; a user name is kept unless it is unreadable.
+    """
+    span = userinfo_span(url)
+    if span is not None:
+        start, at = span
+        user, colon, _ = url[start:at].partition(":")
+        if not _URL_CUTS.isdisjoint(user):
+            user, colon = "***", ""
+        url = f"{url[:start]}{user}{colon and ':***'}{url[at:]}"
+    return _PASSWORD_PARAM.sub(r"\1***", url)

@@ -21,6 +21,8 @@ import redis.cluster
 import redis.connection
 import redis.retry
 
+from metrion_fixture.core.options import has_unencoded_userinfo
+from metrion_fixture.core.options import mask_password as mask_url
 from metrion_fixture.errors import MetrionCacheError
 from metrion_fixture.stores.base import Store
 from metrion_fixture.stores.redis_tracking import TrackedNearCache
@@ -39,19 +41,6 @@ _IDLE_MAX = 64  # idle connections get() keeps; more concurrent threads open and
 # Delete a lock only if it still holds our token: an expired lock re-taken by another caller stays.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
-_USERINFO = re.compile(r"^([^:/?#]+://)([^/?#]*)@")
-_QUERY_PASSWORD = re.compile(r"([?&]password=)[^&#]*")
-
-
-def mask_url(url: str) -> str:
-    """``url`` with any password (in the userinfo or the query) replaced by ``***``."""
-
-    def hide(match: re.Match[str]) -> str:
-        user, colon, _ = match[2].partition(":")
-        return f"{match[1]}{user}{colon and ':***'}@"
-
-    # Plain regexes rather than urlsplit: this also runs on URLs that fail to parse.
-    return _QUERY_PASSWORD.sub(r"\1***", _USERINFO.sub(hide, url, count=1))
 
 
 _SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
@@ -72,7 +61,16 @@ def near_cache_option(url: str) -> tuple[str, bool | None]:
 
 
 def url_problem(url: str) -> str | None:
-    """What is wrong with ``url`` as a Redis URL, or None; parses only, never connects."""
+    """What is wrong with ``url`` as a Redis URL, or None; parses only, never connects.
+
+    Never quotes a part of the URL's password: a URL parser cuts an unencoded ``/``, ``?`` or ``#``
+    in it (and would connect elsewhere, with a part of it), so such a URL is refused first.
+    """
+    if has_unencoded_userinfo(url):
+        return (
+            "its user name or password holds a '/', '?' or '#', which a URL must percent-encode "
+            "(write it as urllib.parse.quote(password, safe=''))"
+        )
     try:
         ours = [value for name, value in parse_qsl(urlsplit(url).query) if name == "near_cache"]
         if ours and ours[-1].lower() not in _SWITCH:

@@ -263,6 +263,28 @@ def test_repr_hides_a_store_password():
     assert mask_password("memory://plain") == "memory://plain"
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        # Issue 14, item 7: unencoded characters a URL parser would cut the password at.
+        ("redis://:pa#ss-7f3k@h:1/0", "redis://:***@h:1/0"),
+        ("redis://:pa/ss-7f3k@h:1/0", "redis://:***@h:1/0"),
+        ("redis://:pa?ss-7f3k@h:1/0", "redis://:***@h:1/0"),
+        ("redis://user:p@ss:w#rd-7f3k@h:1/0", "redis://user:***@h:1/0"),
+        ("redis://ab/c+d==@h/0", "redis://***@h/0"),  # a lone userinfo that cannot be a user name
+        ("rediss://default:pw@h:6380?password=x#y&db=1", "rediss://default:***@h:6380?password=***&db=1"),
+        # An @ in a query value or in a path is not the end of a userinfo.
+        ("redis://h:6379/0?client_name=a@b", "redis://h:6379/0?client_name=a@b"),
+        ("redis://:pw@h/0?client_name=a@b", "redis://:***@h/0?client_name=a@b"),
+        ("sqlite:////home/me@work/cache.sqlite3", "sqlite:////home/me@work/cache.sqlite3"),
+        ("unix://:pw@/run/redis.sock?db=0", "unix://:***@/run/redis.sock?db=0"),
+        ("not a url :pw@", "not a url :pw@"),
+    ],
+)
+def test_mask_password_on_the_raw_string(url, shown):
+    assert mask_password(url) == shown
+
+
 # -- the resolver: precedence, origins, messages --------------------------------------------------------
 
 
