@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import requests
 from sdk_calls import call
@@ -105,6 +106,12 @@ def make_run(provider, url: str) -> list[dict[str, Any]]:
             extra_headers={"x-metrion-cache": "false"},
         )
     made += [{**vars(record), "namespace": "support-bot"} for record in bot.calls]
+    with metrion_fixture.cache(
+        url, namespace="support-bot", source="support_bot.py", mode="replay", store_previews=True
+    ) as replay:
+        with pytest.raises(openai.BadRequestError, match="replay"):
+            call("openai", provider.url, model="gpt-4o", messages=ask("A question never recorded"))
+    made += [{**vars(record), "namespace": "support-bot"} for record in replay.calls]
     with metrion_fixture.cache(url, namespace="evals") as evals:
         for _ in range(3):
             call("openai", provider.url, model="gpt-4o", messages=ask("Summarise the refund policy."))
@@ -223,6 +230,8 @@ def test_logs_show_cached_calls_as_spending_nothing_and_what_they_saved(run, url
     previews = {row["preview"] for row in rows if row["namespace"] == "support-bot"}
     assert "What are your delivery times?" in previews, "store_previews: the row shows the prompt"
     assert {row["preview"] for row in rows if row["namespace"] == "evals"} == {""}, "previews are off by default"
+    (refused,) = [row for row in rows if row["status"] == "ERROR"]
+    assert refused["refusal"] == "replay_miss" and refused["tokens_text"] == "–" and not refused["cached"]
     bypassed = [row for row in rows if row["status"] == "BYPASS"]
     assert len(bypassed) == 1 and not bypassed[0]["cached"]
 
@@ -485,6 +494,7 @@ def test_the_dashboard_in_a_real_browser(provider, url, tmp_path):
             page.goto(base + "/_metrion/")
             page.wait_for_selector("body[data-loaded='1']")
             check_cached_badges(page, records)
+            assert page.locator("tr.call[data-status=ERROR] .badge.error").inner_text() == "Replay miss"
             assert card_figures(page) == want_figures(expected(records, time.time() - 7 * DAY))
             for period, since in (("30d", time.time() - 30 * DAY), ("all", None)):
                 page.click(f"#periods button[data-period='{period}']")

@@ -177,6 +177,7 @@ def _row(record: Mapping[str, Any]) -> dict[str, Any]:
         "wire_format": _chosen(record, "wire_format"),
         "stream": bool(record.get("stream")),
         "status": _chosen(record, "status"),
+        "refusal": _chosen(record, "refusal"),  # why the cache answered an ERROR itself (replay_miss, ...)
         "http_status": record.get("http_status"),
         "cached": cached,
         "latency": record.get("latency") or 0.0,
