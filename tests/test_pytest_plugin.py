@@ -457,6 +457,24 @@ def test_xdist_totals_add_up_across_workers(suite, provider, redis_url, redis_na
     assert sorted(listed) == ["test_llm.py::test_openai", "test_llm.py::test_openai_stream"]
 
 
+@pytest.mark.slow
+def test_replay_misses_under_xdist_keep_the_cache_message_and_headline(suite, provider, redis_url, redis_namespace):
+    """Under pytest-xdist -n 2 the workers' replay-miss failures reach the controller whole: text and headline."""
+    suite.makepyfile(test_llm=SUITE)
+    options = (f"--metrion-cache-url={redis_url}", f"--metrion-cache-namespace={redis_namespace}")
+    provider.reset()
+    result = suite.runpytest_subprocess(*QUIET, "-n", "2", "-vv", "--metrion-cache=replay", *options)
+    result.assert_outcomes(failed=4)
+    assert provider.call_count == 0
+    failed = [line for line in result.outlines if line.startswith("FAILED ")]
+    headline = re.compile(
+        r" - metrion cache replay miss: model '(gpt|claude)-test' \(key [0-9a-f]{12}\) is not in the cache$"
+    )
+    assert len(failed) == 4 and all(headline.search(line) for line in failed), failed
+    assert "asked for 1 answer that is not in the cache" in result.stdout.str()
+    assert "replay: the store holds no answers at all" in result.stdout.str()
+
+
 def test_redis_down_true_mode_passes_and_says_so(suite, provider):
     """An unreachable Redis is no cache: the tests pass on the provider, and the summary says why."""
     suite.makepyfile(test_llm=SUITE)

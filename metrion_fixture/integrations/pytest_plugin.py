@@ -24,7 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from _pytest._code.code import ReprFileLocation, TerminalRepr  # the shape pytest's short summary reads
+from _pytest._code.code import (  # the report shapes pytest and pytest-xdist know
+    ReprExceptionInfo,
+    ReprFileLocation,
+    ReprTracebackNative,
+)
 from _pytest.junitxml import xml_key
 
 from ..core.options import (
@@ -386,7 +390,7 @@ def pytest_runtest_makereport(
             where = _test_line(item, call)
             if where is not None and call.excinfo is not None:
                 text += f"\n(the test stopped at {where} on {call.excinfo.typename}: the SDK's form of this refusal)"
-            report.longrepr = ReplayMissRepr(text, _replay_headline(session, misses), where)
+            report.longrepr = replay_miss_repr(text, _replay_headline(session, misses), where)
     return report
 
 
@@ -401,18 +405,17 @@ def _test_line(item: pytest.Item, call: pytest.CallInfo[None]) -> str | None:
     return None
 
 
-class ReplayMissRepr(TerminalRepr):
-    """A replay miss as a test failure: the cache's message, and a headline for the short summary."""
+def replay_miss_repr(text: str, headline: str, where: str | None) -> ReprExceptionInfo:
+    """A replay miss as a test failure: the cache's message in place of a traceback, and a headline.
 
-    def __init__(self, text: str, headline: str, where: str | None) -> None:
-        self.text = text
-        path, _, line = (where or ":0").rpartition(":")
-        # What pytest shows after "FAILED nodeid - " and puts in JUnit XML's failure message.
-        self.reprcrash = ReprFileLocation(path, int(line), headline)
-
-    def toterminal(self, tw: Any) -> None:
-        for line in self.text.splitlines():
-            tw.line(line)
+    Built from pytest's own report shapes, so that pytest-xdist carries it from the workers whole:
+    the headline is what pytest shows after "FAILED nodeid - " and JUnit XML's failure message.
+    """
+    path, _, line = (where or ":0").rpartition(":")
+    lines = [row + "\n" for row in text.splitlines()]
+    return ReprExceptionInfo(
+        reprtraceback=ReprTracebackNative(lines), reprcrash=ReprFileLocation(path, int(line), headline)
+    )
 
 
 def _replay_headline(session: CacheSession, misses: list[Any]) -> str:
