@@ -163,7 +163,7 @@ def test_tool_calls_survive_the_conversion(provider, memory_session, sdk, stored
 
 
 def test_an_answer_that_cannot_be_converted_is_a_miss_and_the_second_shape_is_stored(provider, memory_session):
-    """An unknown content block cannot be streamed faithfully: the provider answers, and that stream is stored."""
+    """Content that is not a block cannot be streamed faithfully: the provider answers, and that stream is stored."""
     path, body = REQUESTS["anthropic"]
     odd = {
         "id": "msg_1",
@@ -171,7 +171,7 @@ def test_an_answer_that_cannot_be_converted_is_a_miss_and_the_second_shape_is_st
         "role": "assistant",
         "model": "claude-test",
         "stop_reason": "end_turn",
-        "content": [{"type": "mystery_block", "payload": 1}],
+        "content": [{"type": "text", "text": "Delivery"}, "takes two days"],
         "usage": {"input_tokens": 1, "output_tokens": 1},
     }
     headers = [("content-type", "application/json")]
@@ -205,3 +205,84 @@ def test_the_requested_mode_is_preferred_when_both_are_stored(provider, memory_s
     stream_hit = sdk_calls.call("anthropic", provider.url, stream=True)
     assert json_hit.headers["request-id"] == json_answer.headers["request-id"]
     assert stream_hit.headers["request-id"] == stream_answer.headers["request-id"] != json_answer.headers["request-id"]
+
+
+# -- every field of a real answer survives, through the real SDKs -----------------------------------------------
+
+
+def test_a_real_openai_answer_with_annotations_audio_and_logprobs_is_replayed_as_a_stream(provider, memory_session):
+    """The fields real answers carry (annotations: [], audio, logprobs) no longer make the stored answer unusable."""
+    path, body = REQUESTS["openai"]
+    answer = {
+        "id": "chatcmpl-CQ4vJ2cQ0Ae6nBHBr9jHq0nYvT8xk",
+        "object": "chat.completion",
+        "created": 1760000000,
+        "model": "gpt-4o-audio-preview-2025-06-03",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "Delivery takes two days.",
+                    "refusal": None,
+                    "annotations": [],
+                    "audio": {"id": "audio_68e1f0b2", "data": "UklGRiQA", "expires_at": 1760003600, "transcript": "Hi"},
+                },
+                "logprobs": {"content": [{"token": "Delivery", "logprob": -0.01, "bytes": [68], "top_logprobs": []}]},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 87, "completion_tokens": 24, "total_tokens": 111},
+        "service_tier": "default",
+        "system_fingerprint": "fp_560af6e559",
+    }
+    headers = [("content-type", "application/json")]
+    import_recorded(
+        memory_session, "POST", path, {}, json.dumps(body).encode(), 200, headers, json.dumps(answer).encode()
+    )
+    client = openai.OpenAI(base_url=provider.url + "/v1", api_key="k", max_retries=0)
+    with client.chat.completions.stream(model=body["model"], messages=body["messages"]) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+    assert memory_session.calls[-1].status == "HIT" and provider.call_count == 0
+    message = final.choices[0].message
+    assert message.content == "Delivery takes two days." and message.audio.transcript == "Hi"
+    assert final.choices[0].logprobs.content[0].token == "Delivery"
+
+
+def test_a_real_anthropic_answer_with_thinking_and_citations_is_replayed_as_a_stream(provider, memory_session):
+    path, body = REQUESTS["anthropic"]
+    citation = {
+        "type": "char_location",
+        "cited_text": "Delivery takes two days.",
+        "document_index": 0,
+        "document_title": "Shipping policy",
+        "start_char_index": 0,
+        "end_char_index": 24,
+    }
+    answer = {
+        "id": "msg_01XFDUDYJgAACzvnptvVoYEL",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-6",
+        "content": [
+            {"type": "thinking", "thinking": "The policy says two days.", "signature": "c2ln"},
+            {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix"},
+            {"type": "text", "text": "Delivery takes two days.", "citations": [citation]},
+        ],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 412, "cache_read_input_tokens": 2048, "output_tokens": 186},
+    }
+    headers = [("content-type", "application/json")]
+    import_recorded(
+        memory_session, "POST", path, {}, json.dumps(body).encode(), 200, headers, json.dumps(answer).encode()
+    )
+    client = anthropic.Anthropic(base_url=provider.url, api_key="k", max_retries=0)
+    with client.messages.stream(**body) as stream:
+        final = stream.get_final_message()
+    assert memory_session.calls[-1].status == "HIT" and provider.call_count == 0
+    assert [block.type for block in final.content] == ["thinking", "redacted_thinking", "text"]
+    assert final.content[0].signature == "c2ln" and final.content[2].text == "Delivery takes two days."
+    assert final.content[2].citations[0].cited_text == "Delivery takes two days."

@@ -95,24 +95,32 @@ class AnthropicMessages(WireFormat):
         return _message_from_stream(chunks)
 
 
-# Content blocks as they open in a stream, and the delta that fills each in.
-_OPENINGS = {
-    "text": lambda block: ({**block, "text": ""}, [{"type": "text_delta", "text": block["text"]}]),
-    "tool_use": lambda block: (
-        {**block, "input": {}},
-        [{"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}],
-    ),
-    "server_tool_use": lambda block: (
-        {**block, "input": {}},
-        [{"type": "input_json_delta", "partial_json": json.dumps(block["input"], ensure_ascii=False)}],
-    ),
-    "thinking": lambda block: (
-        {**block, "thinking": "", "signature": ""},
-        [{"type": "thinking_delta", "thinking": block["thinking"]}]
-        + ([{"type": "signature_delta", "signature": block["signature"]}] if block.get("signature") else []),
-    ),
-    "redacted_thinking": lambda block: (block, []),
-}
+def _opening(block: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A content block as it opens in a stream, and the deltas that fill it in, as the API streams them.
+
+    Text and thinking arrive as text; a tool's input (tool_use, server_tool_use, mcp_tool_use...)
+    as JSON text; a text block's citations one citations_delta each. Any other block (redacted
+    thinking, tool results run by the server, blocks newer than this module) opens whole.
+    """
+    kind = block.get("type")
+    if kind == "text" and isinstance(block.get("text"), str):
+        citations = block.get("citations")
+        if isinstance(citations, list) and citations:
+            first = {name: value for name, value in block.items() if name != "citations"}
+            deltas = [{"type": "citations_delta", "citation": citation} for citation in citations]
+        else:
+            first, deltas = dict(block), []
+        first["text"] = ""
+        return first, [*deltas, {"type": "text_delta", "text": block["text"]}]
+    if kind == "thinking" and isinstance(block.get("thinking"), str):
+        deltas = [{"type": "thinking_delta", "thinking": block["thinking"]}]
+        if block.get("signature"):
+            deltas.append({"type": "signature_delta", "signature": block["signature"]})
+        return {**block, "thinking": "", "signature": ""}, deltas
+    if isinstance(block.get("input"), dict):
+        partial = json.dumps(block["input"], ensure_ascii=False)
+        return {**block, "input": {}}, [{"type": "input_json_delta", "partial_json": partial}]
+    return block, []
 
 
 def _stream_from_message(message: dict[str, Any]) -> list[bytes] | None:
@@ -128,10 +136,9 @@ def _stream_from_message(message: dict[str, Any]) -> list[bytes] | None:
     }
     events = [sse("message_start", {"type": "message_start", "message": start})]
     for index, block in enumerate(message["content"]):
-        opening = _OPENINGS.get(str(block.get("type"))) if isinstance(block, dict) else None
-        if opening is None or block.get("citations"):
-            return None  # a block we cannot stream faithfully: the caller gets the provider instead
-        first, deltas = opening(block)
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            return None  # not a content block: nothing a stream could carry
+        first, deltas = _opening(block)
         events.append(
             sse("content_block_start", {"type": "content_block_start", "index": index, "content_block": first})
         )
@@ -168,7 +175,14 @@ def _message_from_stream(chunks: list[bytes]) -> bytes | None:
             elif kind == "signature_delta":
                 block["signature"] = delta["signature"]
             elif kind == "citations_delta":
-                block.setdefault("citations", []).append(delta["citation"])
+                block["citations"] = [*(block.get("citations") or []), delta["citation"]]
+            elif isinstance(kind, str) and kind.endswith("_delta"):
+                # A delta newer than this module: its text is appended to the block's field of that name.
+                for name, value in delta.items():
+                    if name == "type":
+                        continue
+                    current = block.get(name)
+                    block[name] = current + value if isinstance(current, str) and isinstance(value, str) else value
             else:
                 return None
         elif event == "message_delta" and message is not None:

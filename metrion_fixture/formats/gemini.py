@@ -123,10 +123,17 @@ class Gemini(WireFormat):
                     if name == "content":
                         candidate["content"]["role"] = value.get("role", "model")
                         _merge_parts(candidate["content"]["parts"], value.get("parts") or [])
+                    elif isinstance(value, dict) and isinstance(candidate.get(name), dict):
+                        # Each chunk's citations and log probabilities are its own: gathered, not replaced.
+                        for member, more in value.items():
+                            held = candidate[name].get(member)
+                            candidate[name][member] = (
+                                held + more if isinstance(held, list) and isinstance(more, list) else more
+                            )
                     else:
-                        candidate[name] = value
-        if not candidates:
-            return None
+                        candidate[name] = value  # finishReason, safetyRatings, groundingMetadata: the last is the whole
+        if not candidates or not isinstance(merged.get("usageMetadata"), dict):
+            return None  # a real answer always reports its usage
         merged["candidates"] = [candidates[index] for index in sorted(candidates)]
         return dump({"candidates": merged.pop("candidates"), **merged})
 

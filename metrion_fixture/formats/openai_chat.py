@@ -85,99 +85,165 @@ class OpenAIChat(WireFormat):
 
 # Fields every chunk repeats from the completion.
 _CHUNK_FIELDS = ("id", "created", "model", "system_fingerprint", "service_tier")
-# Message fields a stream can carry; anything else (audio, annotations) makes the answer not convertible.
-_STREAMABLE = frozenset({"role", "content", "refusal", "tool_calls", "function_call"})
+# Completion fields that are not carried on each chunk: the rest (Azure's prompt_filter_results,
+# Perplexity's citations, OpenRouter's provider...) ride on the first chunk.
+_COMPLETION_OWN = frozenset({*_CHUNK_FIELDS, "object", "choices", "usage"})
+# Chunk fields that only streams have: OpenAI pads each chunk with random "obfuscation" text.
+_STREAM_ONLY = frozenset({"obfuscation"})
+# Choice fields the conversion writes itself; others (native_finish_reason, content_filter_results,
+# stop_reason...) are carried on the chunk that finishes the choice.
+_CHOICE_OWN = frozenset({"index", "message", "delta", "finish_reason", "logprobs"})
+# OpenAI's own models (not "openai/gpt-4o" through a gateway, which answers in its own way).
+_OPENAI_MODEL = re.compile(r"(gpt-|o[1-9]|chatgpt-|codex-)[^/]*$")
+# Members of a streamed object that name it rather than add to it: replaced, never concatenated.
+_IDENTITY = frozenset({"id", "type", "index", "format", "expires_at", "signature", "status"})
 
 
 def _stream_from_completion(completion: dict[str, Any], include_usage: bool) -> list[bytes] | None:
+    """A completion as the chunks the provider would have streamed: every field of it carried through."""
     if completion.get("object") != "chat.completion" or not isinstance(completion.get("choices"), list):
         return None
     # Mistral speaks this format and always sends the usage, on the chunk that finishes the answer.
     mistral = str(completion.get("model", "")).startswith(("mistral", "ministral", "codestral", "magistral"))
     usage = completion.get("usage")
+    if include_usage and not isinstance(usage, dict):
+        return None  # the request asked for the usage chunk and there is no usage to put in it
     base = {name: completion[name] for name in _CHUNK_FIELDS if name in completion}
     base["object"] = "chat.completion.chunk"
     if include_usage:
         base["usage"] = None
+    first_extra = {name: value for name, value in completion.items() if name not in _COMPLETION_OWN}
 
     def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice.update(extra.pop("choice", {}))
         return sse(None, {**base, "choices": [choice], **extra})
 
-    events = []
+    events: list[bytes] = []
     for choice in completion["choices"]:
-        message, index = choice.get("message") or {}, choice.get("index", 0)
-        if choice.get("logprobs") or not set(message) <= _STREAMABLE:
+        if not isinstance(choice, dict) or not isinstance(choice.get("message") or {}, dict):
             return None
-        events.append(chunk(index, {"role": message.get("role", "assistant"), "content": "", "refusal": None}))
-        if message.get("content"):
-            events.append(chunk(index, {"content": message["content"]}))
-        if message.get("refusal"):
-            events.append(chunk(index, {"refusal": message["refusal"]}))
-        for position, call in enumerate(message.get("tool_calls") or []):
+        message, index = dict(choice.get("message") or {}), choice.get("index", 0)
+        opening = {"role": message.pop("role", "assistant"), "content": ""}
+        if "refusal" in message:
+            opening["refusal"] = None  # as OpenAI's first chunk says it; the refusal itself follows
+        events.append(chunk(index, opening, **(first_extra if not events else {})))
+        logprobs = choice.get("logprobs")
+        content = message.pop("content", None)
+        if content or logprobs:
+            # One chunk holds the whole text, so it holds every token's log probability too.
+            events.append(chunk(index, {"content": content or ""}, choice={"logprobs": logprobs}))
+        for position, call in enumerate(message.pop("tool_calls", None) or []):
             events.append(chunk(index, {"tool_calls": [{"index": position, **call}]}))
-        if message.get("function_call"):
-            events.append(chunk(index, {"function_call": message["function_call"]}))
+        refusal = message.pop("refusal", None)
+        if refusal:
+            events.append(chunk(index, {"refusal": refusal}))
+        for name, value in message.items():
+            # Everything else as it is (annotations, audio, reasoning_content, reasoning_details...):
+            # assembling a stream sets it back unchanged.
+            events.append(chunk(index, {name: value}))
         finish_usage = {"usage": usage} if mistral and usage and not include_usage else {}
-        events.append(chunk(index, {}, choice.get("finish_reason"), **finish_usage))
+        extra = {name: value for name, value in choice.items() if name not in _CHOICE_OWN}
+        events.append(chunk(index, {}, choice.get("finish_reason"), choice=extra, **finish_usage))
     if include_usage and usage is not None:
         events.append(sse(None, {**base, "choices": [], "usage": usage}))
     events.append(sse(None, "[DONE]"))
     return events
 
 
+def _merge(target: dict[str, Any], delta: dict[str, Any]) -> None:
+    """Add one streamed piece of an object to what came before, as the SDKs' stream accumulators do.
+
+    Text is appended (content, reasoning, a tool call's arguments, audio data and transcript),
+    objects are merged member by member, list items that carry an ``index`` merge with the item
+    of that index (tool calls, reasoning_details) and the others are appended (annotations);
+    names of the object (id, type, index...) and other values replace what was there.
+    """
+    for name, value in delta.items():
+        current = target.get(name)
+        if name in _IDENTITY or value is None:
+            if value is not None or name not in target:
+                target[name] = value
+        elif isinstance(value, str) and isinstance(current, str):
+            target[name] = current + value
+        elif isinstance(value, dict) and isinstance(current, dict):
+            _merge(current, value)
+        elif isinstance(value, list) and isinstance(current, list):
+            _merge_items(current, value)
+        elif isinstance(value, list):
+            target[name] = []
+            _merge_items(target[name], value)
+        elif isinstance(value, dict):
+            target[name] = {}
+            _merge(target[name], value)
+        else:
+            target[name] = value
+
+
+def _merge_items(items: list[Any], more: list[Any]) -> None:
+    for item in more:
+        if isinstance(item, dict) and isinstance(item.get("index"), int):
+            same = next((old for old in items if isinstance(old, dict) and old.get("index") == item["index"]), None)
+            if same is not None:
+                _merge(same, item)
+                continue
+        items.append(item)  # parsed from this event's data alone: nothing else holds it
+
+
 def _completion_from_stream(chunks: list[bytes]) -> bytes | None:
+    """A stream assembled into the completion the provider would have answered, every field carried through.
+
+    None (not convertible) when the stream has no choice, or no usage: a real completion always
+    reports it, and code reads ``completion.usage.total_tokens``.
+    """
     completion: dict[str, Any] = {}
     choices: dict[int, dict[str, Any]] = {}
     for _, data in sse_events(chunks):
         if data.startswith("[DONE]"):
             break
         payload = json_object(data)
-        for name in _CHUNK_FIELDS:
-            if payload.get(name) is not None:
-                completion[name] = payload[name]
-        if payload.get("usage"):
-            completion["usage"] = payload["usage"]
+        for name, value in payload.items():
+            if name in ("object", "choices") or name in _STREAM_ONLY:
+                continue
+            if value is not None or name not in completion:
+                completion[name] = value
         for part in payload.get("choices") or []:
-            if part.get("logprobs"):
-                return None
-            choice = choices.setdefault(part.get("index", 0), {"message": {}, "finish_reason": None})
-            message, delta = choice["message"], part.get("delta") or {}
-            for name, value in delta.items():
-                if name == "tool_calls":
-                    calls = message.setdefault("tool_calls", [])
-                    for call in value:
-                        while len(calls) <= call["index"]:
-                            calls.append({"function": {"name": "", "arguments": ""}})
-                        target = calls[call["index"]]
-                        for field in ("id", "type"):
-                            if call.get(field):
-                                target[field] = call[field]
-                        function = call.get("function") or {}
-                        target["function"]["name"] += function.get("name") or ""
-                        target["function"]["arguments"] += function.get("arguments") or ""
-                elif name == "function_call":
-                    target = message.setdefault("function_call", {"name": "", "arguments": ""})
-                    target["name"] += value.get("name") or ""
-                    target["arguments"] += value.get("arguments") or ""
-                elif name in ("content", "refusal"):
-                    if value:  # the opening chunk's "" is no content: a tool-call answer keeps content null
-                        message[name] = (message.get(name) or "") + value
-                elif name == "role":
-                    message["role"] = value
-                elif value is not None:
-                    return None  # a delta field this module does not know
-            if part.get("finish_reason"):
-                choice["finish_reason"] = part["finish_reason"]
-    if not choices:
+            choice = choices.setdefault(part.get("index", 0), {"message": {}, "finish_reason": None, "logprobs": None})
+            delta = part.get("delta") or {}
+            if delta.get("content") == "":
+                delta = {name: value for name, value in delta.items() if name != "content"}
+            _merge(choice["message"], delta)
+            logprobs = part.get("logprobs")
+            if isinstance(logprobs, dict):
+                gathered = choice["logprobs"] if isinstance(choice["logprobs"], dict) else {}
+                for name, tokens in logprobs.items():
+                    if isinstance(tokens, list):
+                        gathered[name] = (gathered.get(name) or []) + tokens
+                    elif name not in gathered:
+                        gathered[name] = tokens
+                choice["logprobs"] = gathered
+            for name, value in part.items():
+                if name == "finish_reason":
+                    if value:
+                        choice["finish_reason"] = value
+                elif name not in _CHOICE_OWN and (value is not None or name not in choice):
+                    choice[name] = value
+    if not choices or not isinstance(completion.get("usage"), dict):
         return None
     completion["object"] = "chat.completion"
     completion["choices"] = []
     for index in sorted(choices):
-        message = choices[index]["message"]
-        message = {"role": message.pop("role", "assistant"), "content": None, "refusal": None, **message}
-        finish = choices[index]["finish_reason"]
-        completion["choices"].append({"index": index, "message": message, "finish_reason": finish, "logprobs": None})
+        choice = choices[index]
+        message = choice.pop("message")
+        for call in message.get("tool_calls") or []:
+            if isinstance(call, dict):
+                call.pop("index", None)  # a position in the stream, not part of the call
+        message = {"role": message.pop("role", "assistant"), "content": None, **message}
+        if _OPENAI_MODEL.match(str(completion.get("model", ""))):
+            # OpenAI's own messages always have these, even when its stream never said them.
+            message.setdefault("refusal", None)
+            message.setdefault("annotations", [])
+        completion["choices"].append({"index": index, "message": message, **choice})
     return dump(completion)
 
 

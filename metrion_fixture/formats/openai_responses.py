@@ -122,20 +122,32 @@ def _stream_from_response(response: dict[str, Any]) -> list[bytes] | None:
             events.append(event("response.output_item.added", output_index=output_index, item={**item, "content": []}))
             for content_index, part in enumerate(item.get("content") or []):
                 at = {"item_id": item.get("id"), "output_index": output_index, "content_index": content_index}
-                if part.get("type") == "output_text":
+                if not isinstance(part, dict):
+                    return None
+                if part.get("type") == "output_text" and isinstance(part.get("text"), str):
                     empty = {**part, "text": "", "annotations": []}
+                    logprobs = part.get("logprobs") or []
                     text_events = [
-                        event("response.output_text.delta", **at, delta=part["text"], logprobs=[]),
-                        event("response.output_text.done", **at, text=part["text"], logprobs=[]),
+                        event("response.output_text.delta", **at, delta=part["text"], logprobs=logprobs),
+                        *(
+                            event(
+                                "response.output_text.annotation.added",
+                                **at,
+                                annotation_index=annotation_index,
+                                annotation=annotation,
+                            )
+                            for annotation_index, annotation in enumerate(part.get("annotations") or [])
+                        ),
+                        event("response.output_text.done", **at, text=part["text"], logprobs=logprobs),
                     ]
-                elif part.get("type") == "refusal":
+                elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
                     empty = {**part, "refusal": ""}
                     text_events = [
                         event("response.refusal.delta", **at, delta=part["refusal"]),
                         event("response.refusal.done", **at, refusal=part["refusal"]),
                     ]
                 else:
-                    return None
+                    empty, text_events = part, []  # a part newer than this module: given whole
                 events.append(event("response.content_part.added", **at, part=empty))
                 events.extend(text_events)
                 events.append(event("response.content_part.done", **at, part=part))

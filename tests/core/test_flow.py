@@ -364,7 +364,7 @@ def test_an_openai_stream_made_from_a_stored_answer_has_a_usage_chunk_only_when_
 
 def test_an_answer_the_format_cannot_convert_is_a_miss_and_the_answer_is_stored_in_the_requested_mode():
     core = make_core()
-    odd = {**ANTHROPIC.json_answer, "content": [{"type": "mystery_block", "data": "?"}]}
+    odd = {**ANTHROPIC.json_answer, "content": [{"type": "text", "text": "4"}, "not a block"]}
     req = Req(ANTHROPIC, True)
     result = run(
         req.flow(core),
