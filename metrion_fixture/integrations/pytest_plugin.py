@@ -12,7 +12,8 @@ first, by the marker, the command line (``--metrion-cache-NAME``), the ini file
 else its default; the flags, ini keys and marker arguments are derived from its fields.
 
 This module is imported at every pytest start-up: it must stay cheap, so httpx,
-httpx2 and redis are only imported once a test uses the cache.
+httpx2, redis and the runtime (the core's engine, the formats, asyncio) are only
+imported once a test uses the cache (``tests/test_startup.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from ..core.options import (
     resolve,
 )
 from ..errors import MetrionCacheError
-from ..reporting.reports import dollars, plural, tokens
 
 if TYPE_CHECKING:
     from ..runtime.session import CacheSession
@@ -63,6 +63,26 @@ _COUNTERS = ("hits", "misses", "refreshes", "bypassed", "errors", "store_errors"
 _SAVINGS = ("input_tokens", "output_tokens", "cost_usd", "saved_input_tokens", "saved_output_tokens", "saved_usd")
 # Calls whose model has no price: their dollars are unknown, never $0.
 _UNPRICED = ("unpriced_spent", "unpriced_saved")
+
+
+# The summary's wording, imported when first used: reporting.reports brings the wire formats and
+# the ledger (asyncio), which a run that does not use the cache never needs (tests/test_startup.py).
+def dollars(value: float | None, unpriced: int = 0) -> str:
+    from ..reporting.reports import dollars
+
+    return dollars(value, unpriced)
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    from ..reporting.reports import plural
+
+    return plural(count, word, many)
+
+
+def tokens(count: int) -> str:
+    from ..reporting.reports import tokens
+
+    return tokens(count)
 
 
 # --- options ------------------------------------------------------------------------------------
