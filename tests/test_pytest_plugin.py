@@ -22,6 +22,7 @@ import httpcore2  # noqa: F401
 import openai  # noqa: F401
 import pytest
 
+import metrion_fixture.api  # not imported by the package itself any more: loaded on first use
 import metrion_fixture.stores.redis
 import metrion_fixture.stores.sqlite
 import metrion_fixture.transports.httpx

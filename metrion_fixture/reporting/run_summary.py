@@ -15,7 +15,6 @@ from dataclasses import fields
 from typing import TYPE_CHECKING, TextIO
 
 from ..core.stats import Stats
-from .reports import duration, money, plural, tokens
 
 if TYPE_CHECKING:
     from ..runtime.session import CacheSession
@@ -61,6 +60,9 @@ def summary_line(stats: Stats, wall_seconds: float) -> str:
     call: with calls on 8 threads it can be about eight times the wall-clock time they saved, so
     the wall time is printed beside it.
     """
+    # Not at import: the pytest plugin imports this module at every start-up (tests/test_startup.py).
+    from .reports import duration, money, plural, tokens
+
     if not stats.requests:
         return f"metrion cache: no LLM calls reached the cache (wall time {duration(wall_seconds)})"
     from_provider = stats.misses + stats.refreshes + stats.bypassed
