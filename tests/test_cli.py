@@ -297,6 +297,12 @@ def test_ls_shows_hits_last_use_and_where_each_answer_came_from(provider, filled
     lines = [
         {"key": other_key, "wire_format": "openai_chat", "status": "HIT", "at": time.time(), "source": "batch.py"},
         {"key": hit_key, "wire_format": "openai_chat", "status": "MISS", "at": 1.0, "preview": "What are your d"},
+        {
+            "key": filled.calls[2].key,
+            "wire_format": "anthropic_messages",
+            "at": time.time() + 5,
+            "source": "t.py::" + "x" * 40,
+        },
     ]
     store.set(f"{PREFIX}fill:0-extra", "\n".join(json.dumps(line) for line in lines).encode(), 3600)
     code, out = run(capsys, "ls", "--url", url)
@@ -306,6 +312,7 @@ def test_ls_shows_hits_last_use_and_where_each_answer_came_from(provider, filled
     row = {line.split()[0]: line for line in rows}
     assert re.search(r'"What are your d"\s+gpt-4o\s+json\s+2\s+\d+\.\d s ago', row[hit_key[:12]])
     assert re.search(r"batch\.py\s+gpt-4o\s+json\s+1\s+\d+\.\d s ago", row[other_key[:12]])
+    assert f"t.py::{'x' * 25}… " in row[filled.calls[2].key[:12]], "a long source is cut to fit one line"
     assert rows[-1].startswith("3 answers, ") and rows[-1].endswith(" bytes")
     listed = {item["key"]: item for item in json.loads(run(capsys, "ls", "--url", url, "--json")[1])}
     assert (listed[hit_key]["hits"], listed[hit_key]["preview"], listed[other_key]["source"]) == (

@@ -320,6 +320,9 @@ def utc(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
+PROMPT_WIDTH = 32  # characters of the preview or source that ls shows
+
+
 def render_entries(found: list[StoredEntry], uses: dict[tuple[str, str, str], KeyUse], now: float | None = None) -> str:
     now = time.time() if now is None else now
     rows = []
@@ -327,6 +330,8 @@ def render_entries(found: list[StoredEntry], uses: dict[tuple[str, str, str], Ke
         info, use = stored.summary(), use_of(stored, uses)
         # The prompt's first words when previews are kept, else where the call came from.
         prompt = f'"{use.preview}"' if use.preview else use.source or "-"
+        if len(prompt) > PROMPT_WIDTH:  # a table row stays one terminal line; --json has it whole
+            prompt = prompt[: PROMPT_WIDTH - 1] + "…"
         rows.append(
             [
                 info["key"][:12],
