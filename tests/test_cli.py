@@ -17,10 +17,11 @@ from sdk_calls import call
 
 import metrion_fixture
 from metrion_fixture.cli import main
+from metrion_fixture.core.entry import Entry
 from metrion_fixture.core.stats import CallRecord
 from metrion_fixture.demo.faq_bot import DEMO_NAMESPACE, run_demo
 from metrion_fixture.reporting import prices
-from metrion_fixture.reporting.reports import dollars, money, plural
+from metrion_fixture.reporting.reports import answer_text, dollars, money, plural
 from metrion_fixture.runtime import ledger
 from metrion_fixture.runtime.ledger import PREFIX, StoredLedger, read_records, retention_seconds, trim
 from metrion_fixture.stores import open_store
@@ -426,3 +427,71 @@ def test_the_readme_and_the_notebook_use_models_that_have_a_price():
     models |= set(re.findall(r'METRION_DEMO_MODEL\\", \\"([\w.-]+)\\"', notebook))
     assert "claude-sonnet-4-5" in models and len(models) >= 3, models
     assert [model for model in sorted(models) if prices.price_for(model) is None] == []
+
+
+def _entry(wire_format: str, chunks: list[bytes], stream: bool) -> Entry:
+    return Entry(200, [], chunks, stream, time.time(), 60, "m", wire_format, "k" * 64)
+
+
+def test_answer_text_names_tool_calls_and_reads_grok_protobuf():
+    """show --text: tool calls as [tool call name(arguments)]; xAI's protobuf answers as their words."""
+    from xai_sdk.proto import chat_pb2
+
+    completion = {
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                        }
+                    ],
+                },
+                "finish_reason": "tool_calls",
+            }
+        ],
+    }
+    message = {
+        "type": "message",
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Let me check."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+        ],
+    }
+    gemini = {
+        "candidates": [
+            {
+                "content": {
+                    "role": "model",
+                    "parts": [{"text": "thinking...", "thought": True}, {"text": "Sunny"}, {"text": " in Paris."}],
+                }
+            }
+        ]
+    }
+    assert answer_text(_entry("openai_chat", [json.dumps(completion).encode()], False)) == (
+        '[tool call get_weather({"city":"Paris"})]'
+    )
+    assert answer_text(_entry("anthropic_messages", [json.dumps(message).encode()], False)) == (
+        'Let me check.\n[tool call get_weather({"city": "Paris"})]'
+    )
+    assert answer_text(_entry("gemini", [json.dumps(gemini).encode()], False)) == "Sunny in Paris."
+    chunks = [
+        chat_pb2.GetChatCompletionChunk(
+            outputs=[chat_pb2.CompletionOutputChunk(index=0, delta=chat_pb2.Delta(content=word))]
+        ).SerializeToString()
+        for word in ("Grok", " says", " hi")
+    ]
+    assert answer_text(_entry("xai_grpc", chunks, True)) == "Grok says hi"
+    whole = chat_pb2.GetChatCompletionResponse(
+        outputs=[chat_pb2.CompletionOutput(message=chat_pb2.CompletionMessage(content="Grok says hi"))]
+    )
+    assert answer_text(_entry("xai_grpc", [whole.SerializeToString()], False)) == "Grok says hi"
+    # Bytes no format can read are shown as they are, never an exception.
+    assert answer_text(_entry("openai_chat", [b"<html>bad gateway</html>"], False)) == "<html>bad gateway</html>"
