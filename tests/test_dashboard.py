@@ -153,21 +153,34 @@ def get(app, path: str, **headers: str) -> httpx.Response:
     return asyncio.run(go())
 
 
+@pytest.fixture(scope="module")
+def _ran(_provider_server, tmp_path_factory) -> tuple[str, list[dict[str, Any]]]:
+    """One run for the tests that only read it (each run takes seconds)."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('dashboard') / 'cache.sqlite3'}"
+    _provider_server.reset()
+    return url, make_run(_provider_server, url)
+
+
 @pytest.fixture
-def run(provider, url) -> list[dict[str, Any]]:
-    return make_run(provider, url)
+def run(_ran) -> list[dict[str, Any]]:
+    return _ran[1]
+
+
+@pytest.fixture
+def run_url(_ran) -> str:
+    return _ran[0]
 
 
 # -- the JSON --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("period, days", [("today", None), ("7d", 7), ("30d", 30), ("all", None)])
-def test_savings_add_up_the_calls_of_the_period(run, url, period, days):
+def test_savings_add_up_the_calls_of_the_period(run, run_url, period, days):
     """api/savings: calls, hits, misses, dollars, tokens and provider time saved, hit rate: the records' sums."""
     now = time.time()
     since = {"today": now - now % DAY, "all": None}.get(period, now - (days or 0) * DAY)
     want = expected(run, since)
-    body = get(DashboardApp(open_store(url)), f"/_metrion/api/savings?period={period}").json()
+    body = get(DashboardApp(open_store(run_url)), f"/_metrion/api/savings?period={period}").json()
     totals = body["totals"]
     assert body["period"] == period
     for name in ("requests", "hits", "misses", "saved_input_tokens", "saved_output_tokens"):
@@ -192,9 +205,9 @@ def test_savings_add_up_the_calls_of_the_period(run, url, period, days):
         assert len(body["days"]) in (days, days + 1)  # a rolling window starts inside its first day
 
 
-def test_logs_show_cached_calls_as_spending_nothing_and_what_they_saved(run, url):
+def test_logs_show_cached_calls_as_spending_nothing_and_what_they_saved(run, run_url):
     """api/logs: newest first; a hit spends 0 tokens and $0.00 and says what it saved; a miss shows its cost."""
-    body = get(DashboardApp(open_store(url)), "/_metrion/api/logs").json()
+    body = get(DashboardApp(open_store(run_url)), "/_metrion/api/logs").json()
     rows = body["rows"]
     assert body["matched"] == len(rows) == len(run)
     assert [row["at"] for row in rows] == sorted((record["at"] for record in run), reverse=True)
@@ -236,9 +249,9 @@ def test_logs_show_cached_calls_as_spending_nothing_and_what_they_saved(run, url
     assert len(bypassed) == 1 and not bypassed[0]["cached"]
 
 
-def test_logs_filter_by_namespace_model_source_and_status(run, url):
+def test_logs_filter_by_namespace_model_source_and_status(run, run_url):
     """Each filter keeps exactly the matching calls; the choices list what the ledger holds."""
-    app = DashboardApp(open_store(url))
+    app = DashboardApp(open_store(run_url))
     body = get(app, "/_metrion/api/logs").json()
     assert body["choices"]["namespace"] == ["evals", "support-bot"]
     assert body["choices"]["status"] == sorted({record["status"] for record in run})
@@ -258,9 +271,9 @@ def test_logs_filter_by_namespace_model_source_and_status(run, url):
     assert len(get(app, "/_metrion/api/logs?limit=3").json()["rows"]) == 3
 
 
-def test_a_row_opens_the_calls_key_stored_answer_and_expiry(run, url):
+def test_a_row_opens_the_calls_key_stored_answer_and_expiry(run, run_url):
     """api/call: a cached call's stored answer holds the text the SDK got; a bypassed call has none."""
-    app = DashboardApp(open_store(url))
+    app = DashboardApp(open_store(run_url))
     logs = get(app, "/_metrion/api/logs?namespace=support-bot&status=HIT").json()["rows"]
     plain = next(row for row in logs if row["model"] == "gpt-4o")
     query = f"namespace=support-bot&wire_format=openai_chat&stream=0&key={plain['key']}"
@@ -304,9 +317,9 @@ def test_a_token_guards_the_page_and_the_json(url):
     assert get(app, "/_metrion/").status_code == 401
 
 
-def test_serve_answers_the_dashboard_beside_its_routes(run, url):
+def test_serve_answers_the_dashboard_beside_its_routes(run, run_url):
     """metrion-cache serve's app hands /_metrion/ to the dashboard, with the proxy's token; health stays open."""
-    session = metrion_fixture.CacheSession(url)
+    session = metrion_fixture.CacheSession(run_url)
     app = ProxyApp(session, token="tok")
     assert get(app, "/_metrion/health").json() == {"status": "ok"}
     assert get(app, "/_metrion/api/logs").status_code == 401
@@ -361,10 +374,10 @@ def embedded(html: str) -> dict[str, Any]:
     return json.loads(found.group(1))
 
 
-def test_report_html_holds_the_periods_logs_and_savings(run, url, tmp_path, capsys):
+def test_report_html_holds_the_periods_logs_and_savings(run, run_url, tmp_path, capsys):
     """metrion-cache report --html: one file, no server, the same figures as the dashboard's JSON."""
     target = tmp_path / "report.html"
-    assert main(["report", "--url", url, "--html", str(target), "--period", "7d"]) == 0
+    assert main(["report", "--url", run_url, "--html", str(target), "--period", "7d"]) == 0
     want = expected(run, time.time() - 7 * DAY)
     out = capsys.readouterr().out
     assert f"wrote {target}" in out and f"{want['requests']} calls" in out and dollars(want["saved_usd"]) in out
