@@ -7,8 +7,11 @@ await, the way ipykernel runs them: ``run_cell_async`` on an event loop that is 
 from __future__ import annotations
 
 import builtins
+import html
+import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +24,8 @@ from traitlets.config import Config
 
 import metrion_fixture
 from metrion_fixture.integrations import patching
+from metrion_fixture.integrations.ipython import CacheReport
+from metrion_fixture.reporting.reports import money
 from metrion_fixture.runtime.activation import active_session, enabled_session
 
 QUESTION = [{"role": "user", "content": "What are your delivery times?"}]
@@ -94,6 +99,13 @@ def texts(shell: InteractiveShell) -> list[str]:
     return [report["text/plain"] for report in reports(shell)]
 
 
+def missed_line(sdk: str, messages: Any = QUESTION) -> str:
+    """The exact report of a cell whose one call missed: it names the model and the key to look up."""
+    model = "claude-test" if sdk == "anthropic" else "gpt-test"
+    key = metrion_fixture.cache_key(model, messages)
+    return f"metrion cache: 0 from cache, 1 from the provider; missed: {model} (key {key[:12]})"
+
+
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -120,7 +132,7 @@ def test_on_caches_reruns_and_reports_each_cell(ip, provider, sdk, stream):
 
     assert (first.cache, second.cache) == ("MISS", "HIT")
     assert second.text == first.text and provider.call_count == 1
-    assert [r["text/plain"] for r in miss_reports] == ["metrion cache: 0 from cache, 1 from the provider"]
+    assert [r["text/plain"] for r in miss_reports] == [missed_line(sdk)]
     [hit] = hit_reports
     assert hit["text/plain"].startswith("metrion cache: 1 from cache, 0 from the provider, ")
     assert hit["text/plain"].endswith(" saved")
@@ -175,7 +187,7 @@ def test_status_shows_store_mode_ttl_namespace_and_counts(ip, provider, capsys):
         "ttl        2 h",
         f"namespace  {namespace}",
         "entries    1",
-        "calls      2 (1 from cache, 1 missed, 0 refreshed",
+        "calls      2 in this kernel (1 from cache, 1 missed, 0 refreshed",
     ):
         assert expected in out
 
@@ -252,7 +264,7 @@ def test_cell_magic_caches_only_that_cell_then_restores_the_session(ip, provider
     assert outer.stats.misses == 1 and outer.stats.hits == 0, "the cell's calls are not the outer session's"
     cell_store = metrion_fixture.CacheSession("memory://cell-magic-test").store
     assert cell_store.ttl(f"{namespace}-cell:anthropic_messages:json:{first.headers['x-metrion-cache-key']}") <= 3600
-    assert cell_reports[0] == "metrion cache: 0 from cache, 1 from the provider"
+    assert cell_reports[0] == missed_line("anthropic")
     assert cell_reports[1].startswith("metrion cache: 1 from cache, 0 from the provider")
 
 
@@ -265,7 +277,7 @@ def test_cell_magic_with_the_cache_off_leaves_it_off(ip, provider):
     assert ip.user_ns["in_cell"].cache == "MISS"
     assert ip.user_ns["after"].cache is None
     assert active_session() is None and not patching.installed()
-    assert in_cell_reports == ["metrion cache: 0 from cache, 1 from the provider"]
+    assert in_cell_reports == [missed_line("openai")]
     assert reports(ip) == []
 
 
@@ -275,7 +287,7 @@ def test_cell_magic_block_closes_when_the_cell_fails(ip, provider):
 
     assert isinstance(result.error_in_exec, ZeroDivisionError)
     assert active_session() is None
-    assert texts(ip) == ["metrion cache: 0 from cache, 1 from the provider"]
+    assert texts(ip) == [missed_line("anthropic")]
 
 
 def test_run_cell_magic_called_directly(ip, provider, capsys):
@@ -288,7 +300,7 @@ def test_run_cell_magic_called_directly(ip, provider, capsys):
     assert (first.cache, ip.user_ns["answer"].cache) == ("MISS", "HIT")
     assert active_session() is None
     found = texts(ip)
-    assert len(found) == 2 and found[0] == "metrion cache: 0 from cache, 1 from the provider"
+    assert len(found) == 2 and found[0] == missed_line("anthropic")
 
 
 async def test_run_cell_magic_cannot_await_inside_a_running_loop(ip, provider, capsys):
@@ -322,7 +334,7 @@ async def test_async_clients_with_top_level_await_on_a_running_loop(ip, provider
     assert (miss.cache, hit.cache) == ("MISS", "HIT") and hit.text == miss.text
     assert provider.call_count == 1
     found = texts(ip)
-    assert found[0] == "metrion cache: 0 from cache, 1 from the provider"
+    assert found[0] == missed_line(sdk)
     assert found[1].startswith("metrion cache: 1 from cache, 0 from the provider")
     assert active_session() is (enabled_session() if not cell_magic else None)
 
@@ -435,3 +447,187 @@ def test_a_notebooks_name_comes_from_the_front_end(ip, monkeypatch):
         assert sources.cell_name(ip) == f"eval.ipynb cell {number}"
     finally:
         del ip.user_ns["__vsc_ipynb_file__"]
+
+
+# -- the cell report: four pills, the calls that missed, the list of calls --------------------------------
+
+PILL = re.compile(r'<span class="metrion-cache-pill" data-state="([a-z ]+)" style="background:(#[0-9a-f]{6});')
+CELL_TIME = r"\d+(\.\d)? (ms|s)"
+
+
+def pill_of(report: dict[str, str]) -> tuple[str, str]:
+    found = PILL.search(report["text/html"])
+    assert found is not None, report["text/html"]
+    return found.group(1), found.group(2)
+
+
+def call_rows(report: dict[str, str]) -> list[list[str]]:
+    """The cells of each row of the expandable list of calls, as text."""
+    rows = re.findall(r'<tr data-status="[A-Z]+">(.*?)</tr>', report["text/html"])
+    return [
+        [html.unescape(re.sub(r"<[^>]+>", "", cell)) for cell in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+        for row in rows
+    ]
+
+
+def test_each_cell_gets_one_of_four_pills_and_names_what_missed(ip, provider):
+    """cached (green), partly cached (amber), provider (grey), refused (red): one hit and one miss is not 'cached'."""
+    run(ip, "%metrion_cache on --url $STORE --namespace $NS")
+    run(ip, "call('anthropic', URL)")
+    [provider_only] = reports(ip)
+    run(ip, "call('anthropic', URL)")
+    [cached] = reports(ip)
+    run(ip, "call('anthropic', URL)\ncall('anthropic', URL, messages=OTHER_QUESTION)")
+    [partly] = reports(ip)
+    run(ip, "%metrion_cache on --url $STORE --namespace $NS --mode replay")
+    reports(ip)
+    failed = run(ip, "call('openai', URL, messages=[{'role': 'user', 'content': 'Never asked before'}])")
+    [refused] = reports(ip)
+
+    assert pill_of(provider_only) == ("provider", "#57606a")
+    assert provider_only["text/plain"] == missed_line("anthropic")
+    assert pill_of(cached) == ("cached", "#1a7f37")
+    assert re.fullmatch(
+        rf"metrion cache: 1 from cache, 0 from the provider, {CELL_TIME} of provider time saved \(cell {CELL_TIME}\), "
+        r"46 tokens saved",
+        cached["text/plain"],
+    ), cached["text/plain"]
+    other_key = metrion_fixture.cache_key("claude-test", OTHER_QUESTION)[:12]
+    assert pill_of(partly) == ("partly cached", "#9a6700")
+    assert re.fullmatch(
+        rf"metrion cache: 1 from cache, 1 from the provider, {CELL_TIME} of provider time saved \(cell {CELL_TIME}\), "
+        rf"46 tokens saved; missed: claude-test \(key {other_key}\)",
+        partly["text/plain"],
+    ), partly["text/plain"]
+    assert not failed.success
+    replay_key = metrion_fixture.cache_key("gpt-test", [{"role": "user", "content": "Never asked before"}])[:12]
+    assert pill_of(refused) == ("refused", "#cf222e")
+    assert refused["text/plain"] == (
+        f"metrion cache: 0 from cache, 0 from the provider, 1 refused by the cache; refused: gpt-test (key {replay_key})"
+    )
+
+
+def test_the_report_lists_every_call_of_the_cell_under_details(ip, provider):
+    """Model, key, status, latency, tokens and cost of each call; a hit spends 0 and says what it saved."""
+    run(ip, "%metrion_cache on --url $STORE --namespace $NS")
+    run(ip, "call('anthropic', URL, model='claude-haiku-4-5')")
+    reports(ip)
+    run(ip, "call('anthropic', URL, model='claude-haiku-4-5')\ncall('openai', URL, model='gpt-4o-mini')")
+    [report] = reports(ip)
+
+    hit, miss = enabled_session().calls[-2:]
+    assert "<details" in report["text/html"] and "<summary>2 calls</summary>" in report["text/html"]
+    assert miss.cost_usd is not None and hit.saved_usd is not None
+    rows = call_rows(report)
+    assert [row[:3] for row in rows] == [
+        ["claude-haiku-4-5", hit.key[:12], "HIT"],
+        ["gpt-4o-mini", miss.key[:12], "MISS"],
+    ]
+    assert rows[0][4:] == [
+        f"0 / 0 (saved {hit.saved_input_tokens} / {hit.saved_output_tokens})",
+        f"$0.00 (saved {money(hit.saved_usd)})",
+    ]
+    assert rows[1][4:] == [f"{miss.input_tokens} / {miss.output_tokens}", money(miss.cost_usd)]
+    assert re.fullmatch(CELL_TIME, rows[0][3]), rows[0][3]
+    assert rows[1][5] in ("<$0.0001",) or rows[1][5].startswith("$0.0"), "never $0.0000"
+
+
+def test_the_line_names_three_calls_at_most_and_counts_the_rest():
+    records = tuple(
+        metrion_fixture.CallRecord(
+            key=f"{n}" * 64,
+            wire_format="openai_chat",
+            model=f"model-{n}",
+            status="MISS",
+            stream=False,
+            latency=0.5,
+            http_status=200,
+            at=float(n),
+        )
+        for n in range(5)
+    )
+    report = CacheReport(from_provider=5, records=records, wall_seconds=2.5)
+    assert report.text == (
+        "metrion cache: 0 from cache, 5 from the provider; missed: model-0 (key 000000000000), "
+        "model-1 (key 111111111111), model-2 (key 222222222222), 2 more"
+    )
+    assert report.pill == "provider"
+
+
+def test_status_keeps_the_kernels_counts_across_on_and_off(ip, provider, capsys):
+    """Each `on` makes a new session; status adds up every one of this kernel, and still shows them when off."""
+    run(ip, "%metrion_cache on --url $STORE --namespace $NS")
+    run(ip, "call('anthropic', URL)")
+    run(ip, "%metrion_cache on --url $STORE --namespace $NS --ttl 2h")
+    run(ip, "call('anthropic', URL)")
+    capsys.readouterr()
+    run(ip, "%metrion_cache status")
+    on = capsys.readouterr().out
+    run(ip, "%metrion_cache off")
+    capsys.readouterr()
+    run(ip, "%metrion_cache status")
+    off = capsys.readouterr().out
+
+    calls = re.compile(
+        r"  calls      2 in this kernel \(1 from cache, 1 missed, 0 refreshed, 0 bypassed, 0 refused\), "
+        rf"{CELL_TIME} of provider time saved, 46 tokens"
+    )
+    assert calls.search(on), on
+    assert off.startswith("metrion cache: off (turn it on with %metrion_cache on)\n") and calls.search(off), off
+
+
+# -- %metrion_cache stats: the ledger, as a table and a chart -------------------------------------------------
+
+
+def test_stats_shows_the_ledger_as_a_table_and_a_chart(ip, provider):
+    run(ip, "%metrion_cache on --url $STORE --namespace $NS")
+    run(ip, "call('anthropic', URL, model='claude-haiku-4-5')")
+    run(ip, "call('anthropic', URL, model='claude-haiku-4-5')\ncall('openai', URL, model='gpt-4o-mini')")
+    enabled_session().flush_ledger()
+    reports(ip)
+    run(ip, "%metrion_cache stats")
+    [shown] = reports(ip)
+    run(ip, "%metrion_cache stats --period 7d --namespace $NS")
+    [week] = reports(ip)
+
+    store = ip.user_ns["STORE"]
+    lines = shown["text/plain"].splitlines()
+    assert re.fullmatch(
+        rf"metrion cache: all time in {store}: 3 calls, 1 from cache \(33% hit rate\); saved \$0\.\d{{4}}, "
+        r"\d+ tokens and \d+\.\d s of provider time \(summed over calls\)",
+        lines[0],
+    ), lines[0]
+    assert lines[1].split()[:4] == ["model", "requests", "hits", "hit"]
+    assert [line.split()[:3] for line in lines[3:]] == [
+        ["claude-haiku-4-5", "2", "1"],
+        ["gpt-4o-mini", "1", "0"],
+        ["total", "3", "1"],
+    ]
+    assert week["text/plain"].startswith(
+        f"metrion cache: last 7 days in {store}, namespace {ip.user_ns['NS']}: 3 calls"
+    )
+    chart = re.search(r"<svg .*?</svg>", shown["text/html"]).group(0)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    assert f'<g data-day="{today}"><title>{today}: 1 hit, 2 misses, $0.' in chart
+    assert re.findall(rf'<g data-day="{today}">.*?</g>', chart)[0].count("<rect") == 2
+    assert '<rect class="hits" data-count="1"' in chart and '<rect class="misses" data-count="2"' in chart
+    assert "<script" not in shown["text/html"] and "http://" not in chart.replace("http://www.w3.org/2000/svg", "")
+
+
+def test_stats_on_an_empty_store_and_bad_input_is_one_line(ip, provider, capsys, tmp_path):
+    ip.user_ns["EMPTY"] = f"memory://{uuid.uuid4().hex}"
+    run(ip, "%metrion_cache stats --url $EMPTY")
+    assert texts(ip) == [f"metrion cache: no calls in the ledger of {ip.user_ns['EMPTY']} (all time)"]
+    capsys.readouterr()
+    run(ip, "%metrion_cache stats --url $EMPTY --period fortnight")
+    assert one_line_error(capsys) == (
+        "UsageError: metrion cache: invalid period 'fortnight'; use today, 7d, 30d, all, or a duration like 12h or 90d"
+    )
+    ip.user_ns["MISSING"] = f"sqlite:///{tmp_path / 'typo' / 'cache.sqlite3'}"
+    run(ip, "%metrion_cache stats --url $MISSING")
+    assert one_line_error(capsys) == (
+        f"UsageError: metrion cache: no store at {tmp_path / 'typo' / 'cache.sqlite3'} (check --url or $METRION_CACHE_URL)"
+    )
+    assert not (tmp_path / "typo").exists()
+    run(ip, "%metrion_cache status --period 7d")
+    assert one_line_error(capsys).startswith("UsageError: metrion cache: 'status' takes no --period option; usage: ")

@@ -20,6 +20,7 @@ import asyncio
 import html
 import os
 import re
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,25 +31,46 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import display
 
 from ..api import covering_process, disable, enable
-from ..core.options import OPTIONS, CacheOptions, InvalidOption, environment_layer, flag_layer, resolve
-from ..core.stats import Ledger
+from ..core.options import OPTIONS, URL_ENV, CacheOptions, InvalidOption, environment_layer, flag_layer, resolve
+from ..core.stats import CallRecord, Ledger, Stats
 from ..errors import MetrionCacheError
-from ..reporting.reports import money
+from ..reporting.charts import daily_calls_svg
+from ..reporting.dashboard import period_label, savings
+from ..reporting.reports import Report, money, plural, render_report
+from ..reporting.reports import stats as ledger_stats
+from ..reporting.run_summary import combined
 from ..runtime import sources
 from ..runtime.activation import active_session, enabled_session
 from ..runtime.session import CacheSession
+from ..stores import default_store_url, open_store
+from ..stores.base import Store
+from ..stores.sqlite import SQLiteStore
 
-__all__ = ["CacheReport", "MetrionCacheMagics", "begin_cell", "load_ipython_extension", "unload_ipython_extension"]
+__all__ = [
+    "CacheReport",
+    "LedgerReport",
+    "MetrionCacheMagics",
+    "begin_cell",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+]
 
 MAGIC = "metrion_cache"
-ACTIONS = ("on", "off", "refresh", "status", "clear")
+ACTIONS = ("on", "off", "refresh", "status", "clear", "stats")
 USAGE = (
     "%metrion_cache on|off|refresh|status|clear "
     + " ".join(f"[{option.flag} {option.spec.metavar}]" for option in OPTIONS)
     + " (or %%metrion_cache [options] on the first line of a cell)"
 )
 _SESSION_OPTIONS = tuple(option.name for option in OPTIONS)
-_OPTIONS_TAKEN = {"on": _SESSION_OPTIONS, "off": (), "refresh": (), "status": (), "clear": ("url", "namespace")}
+_OPTIONS_TAKEN = {
+    "on": _SESSION_OPTIONS,
+    "off": (),
+    "refresh": (),
+    "status": (),
+    "clear": ("url", "namespace"),
+    "stats": ("url", "namespace"),
+}
 _FLAG = {option.name: option.flag for option in OPTIONS}
 
 
@@ -67,22 +89,43 @@ def _option_arguments(magic: Any) -> Any:
 
 # -- the report ------------------------------------------------------------------------------------
 
+# The pill of a cell's report: what its calls did, at a glance. Colors pass WCAG AA with white text.
+PILLS: dict[str, str] = {
+    "cached": "#1a7f37",  # every answer from the cache
+    "partly cached": "#9a6700",  # some from the cache, some from the provider
+    "provider": "#57606a",  # every answer from the provider
+    "refused": "#cf222e",  # the cache refused a call (a replay miss, a bad header, a store down in replay)
+}
+KEY_CHARS = 12  # enough for `metrion-cache show KEY` (8 or more)
+NAMED_AT_MOST = 3  # calls named in the line; the list under it has them all
+
 
 @dataclass(frozen=True)
 class CacheReport:
-    """What one cell's calls did: shown as HTML in Jupyter and as one line of text elsewhere."""
+    """What one cell's calls did: HTML with a pill and a list of the calls in Jupyter, one line of text elsewhere."""
 
     from_cache: int = 0
     from_provider: int = 0
     refreshed: int = 0  # of from_provider: calls that replaced their cached answer
     errors: int = 0  # answered by the cache itself with an error (a replay miss, a bad header)
-    saved_seconds: float = 0.0
+    saved_seconds: float = 0.0  # provider time of the answers served from the cache, summed over calls
     saved_tokens: int = 0  # input + output tokens of the answers served from the cache
     saved_usd: float = 0.0  # their list price, for models in the price table
+    wall_seconds: float | None = None  # how long the cell ran
+    records: tuple[CallRecord, ...] = ()  # the cell's calls, oldest first
 
     @property
     def calls(self) -> int:
         return self.from_cache + self.from_provider + self.errors
+
+    @property
+    def pill(self) -> str:
+        """cached, partly cached, provider or refused."""
+        if self.errors:
+            return "refused"
+        if self.from_cache:
+            return "partly cached" if self.from_provider else "cached"
+        return "provider"
 
     def _parts(self) -> list[str]:
         provider = f"{self.from_provider} from the provider"
@@ -92,15 +135,29 @@ class CacheReport:
         if self.errors:
             parts.append(f"{self.errors} refused by the cache")
         if self.from_cache:
-            parts.append(f"{format_seconds(self.saved_seconds)} saved")
+            cell = f" (cell {format_seconds(self.wall_seconds)})" if self.wall_seconds is not None else ""
+            parts.append(f"{format_seconds(self.saved_seconds)} of provider time saved{cell}")
         if self.saved_tokens:
             dollars = f" ({money(self.saved_usd)})" if self.saved_usd else ""
             parts.append(f"{self.saved_tokens:,} tokens saved{dollars}")
         return parts
 
+    def _named(self) -> list[str]:
+        """``missed: MODEL (key 9f86d081884c)`` and ``refused: ...``: the calls that did not come from the cache."""
+        named = []
+        for status, label in (("MISS", "missed"), ("ERROR", "refused")):
+            found = [record for record in self.records if record.status == status]
+            if not found:
+                continue
+            names = [f"{record.model} (key {record.key[:KEY_CHARS]})" for record in found[:NAMED_AT_MOST]]
+            if len(found) > NAMED_AT_MOST:
+                names.append(f"{len(found) - NAMED_AT_MOST} more")
+            named.append(f"{label}: {', '.join(names)}")
+        return named
+
     @property
     def text(self) -> str:
-        return "metrion cache: " + ", ".join(self._parts())
+        return "; ".join(["metrion cache: " + ", ".join(self._parts()), *self._named()])
 
     def __str__(self) -> str:
         return self.text
@@ -109,19 +166,119 @@ class CacheReport:
         return self.text
 
     def _repr_html_(self) -> str:
-        color, label = ("#1a7f37", "cached") if self.from_cache else ("#6e7781", "provider")
+        label = self.pill
         badge = (
-            f'<span style="background:{color};color:#fff;border-radius:4px;padding:1px 6px;'
-            f'font-size:0.85em;font-weight:600;font-family:sans-serif">{label}</span>'
+            f'<span class="metrion-cache-pill" data-state="{label}" style="background:{PILLS[label]};color:#fff;'
+            f'border-radius:4px;padding:1px 6px;font-size:0.85em;font-weight:600;font-family:sans-serif">{label}</span>'
         )
-        body = html.escape(", ".join(self._parts()))
+        body = html.escape(self.text.removeprefix("metrion cache: "))
         return (
             f'<div class="metrion-cache-report" style="font-family:sans-serif;font-size:0.9em">'
-            f"{badge} <span>metrion cache: {body}</span></div>"
+            f"{badge} <span>metrion cache: {body}</span>{self._calls_html()}</div>"
         )
+
+    def _calls_html(self) -> str:
+        if not self.records:
+            return ""
+        cell = 'style="padding:1px 8px;text-align:{}"'
+        head = "".join(
+            f"<th {cell.format(align)}>{name}</th>"
+            for name, align in (
+                ("model", "left"),
+                ("key", "left"),
+                ("status", "left"),
+                ("latency", "right"),
+                ("tokens in / out", "right"),
+                ("cost", "right"),
+            )
+        )
+        rows = []
+        for record in self.records:
+            values = [
+                (html.escape(record.model), "left"),
+                (f"<code>{html.escape(record.key[:KEY_CHARS])}</code>", "left"),
+                (record.status, "left"),
+                (format_seconds(record.latency), "right"),
+                (html.escape(call_tokens(record)), "right"),
+                (html.escape(call_cost(record)), "right"),
+            ]
+            rows.append(
+                f'<tr data-status="{record.status}">'
+                + "".join(f"<td {cell.format(align)}>{value}</td>" for value, align in values)
+                + "</tr>"
+            )
+        return (
+            f'<details style="margin-top:2px"><summary>{plural(len(self.records), "call")}</summary>'
+            f'<table style="border-collapse:collapse;font-size:0.95em"><tr>{head}</tr>{"".join(rows)}</table></details>'
+        )
+
+
+@dataclass(frozen=True)
+class LedgerReport:
+    """``%metrion_cache stats``: a period of the ledger as a line, a table per model and (Jupyter) a daily chart."""
+
+    url: str
+    namespace: str | None
+    figures: dict[str, Any]  # the dashboard's Savings card for the period (reporting.dashboard.savings)
+    report: Report  # one row per model
+
+    @property
+    def headline(self) -> str:
+        period = period_label(self.figures["period"]).lower()
+        where = self.url + (f", namespace {self.namespace}" if self.namespace else "")
+        total, text = self.report.total, self.figures["text"]
+        if not total.requests:
+            return f"metrion cache: no calls in the ledger of {where} ({period})"
+        return (
+            f"metrion cache: {period} in {where}: {plural(total.requests, 'call')}, {total.hits} from cache "
+            f"({text['hit_rate']} hit rate); saved {text['saved_usd']}, {text['saved_tokens']} tokens and "
+            f"{text['saved_seconds']} of provider time (summed over calls)"
+        )
+
+    @property
+    def text(self) -> str:
+        if not self.report.total.requests:
+            return self.headline
+        return f"{self.headline}\n{render_report(self.report)}"
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def _repr_html_(self) -> str:
+        table = (
+            f'<pre style="font-size:0.85em;margin:4px 0">{html.escape(render_report(self.report))}</pre>'
+            if self.report.total.requests
+            else ""
+        )
+        chart = daily_calls_svg(self.figures["days"]) if self.report.total.requests else ""
+        return (
+            f'<div class="metrion-cache-stats" style="font-family:sans-serif;font-size:0.9em">'
+            f"<div>{html.escape(self.headline)}</div>{table}{chart}</div>"
+        )
+
+
+def call_tokens(record: CallRecord) -> str:
+    """``12 / 40``; a hit adds what it saved; "–" when the provider's usage is unknown."""
+    if record.status == "HIT":
+        return f"0 / 0 (saved {record.saved_input_tokens:,} / {record.saved_output_tokens:,})"
+    if record.input_tokens is None:
+        return "–"
+    return f"{record.input_tokens:,} / {record.output_tokens or 0:,}"
+
+
+def call_cost(record: CallRecord) -> str:
+    """``$0.0042``; a hit is ``$0.00 (saved $0.0042)``; "unknown" for a model without a price."""
+    if record.status == "HIT":
+        saved = "unknown" if record.saved_usd is None else money(record.saved_usd)
+        return f"$0.00 (saved {saved})"
+    if record.cost_usd is None:
+        return "unknown" if record.input_tokens is not None else "–"
+    return money(record.cost_usd)
 
 
 def format_seconds(seconds: float) -> str:
+    if seconds < 0.01:  # a hit: tenths of a millisecond tell it from a fast provider
+        return f"{seconds * 1000:.1f} ms"
     if seconds < 1:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 60:
@@ -147,6 +304,7 @@ _COUNTERS = (
     "saved_output_tokens",
     "saved_usd",
 )
+_REQUEST_COUNTERS = 5  # the first five add up to the requests
 
 
 def _snapshot(ledger: Ledger) -> tuple[float, ...]:
@@ -165,6 +323,7 @@ class _Cell:
     blocks: list[tuple[CacheSession, AbstractContextManager[CacheSession]]] = field(default_factory=list)
     refresh_requested: bool = False
     refresh_block: tuple[CacheSession, AbstractContextManager[CacheSession]] | None = None
+    started: float = field(default_factory=time.monotonic)
 
     def watch(self, session: CacheSession | None, *, from_zero: bool = False) -> None:
         if session is None or id(session.ledger) in self.baseline:
@@ -182,9 +341,14 @@ class _Cell:
         self.watch(active_session(), from_zero=True)
         self.watch(enabled_session(), from_zero=True)
         delta = [0.0] * len(_COUNTERS)
+        records: list[CallRecord] = []
         for ledger, before in self.baseline.values():
-            for i, now in enumerate(_snapshot(ledger)):
-                delta[i] += now - before[i]
+            now = _snapshot(ledger)
+            for i, value in enumerate(now):
+                delta[i] += value - before[i]
+            made = int(sum(now[:_REQUEST_COUNTERS]) - sum(before[:_REQUEST_COUNTERS]))
+            if made > 0:
+                records += list(ledger.calls)[-made:]  # this cell's, the latest (the list is bounded)
         hits, misses, refreshes, bypassed, errors, saved, saved_in, saved_out, saved_usd = delta
         return CacheReport(
             from_cache=int(hits),
@@ -194,6 +358,8 @@ class _Cell:
             saved_seconds=saved,
             saved_tokens=int(saved_in + saved_out),
             saved_usd=saved_usd,
+            wall_seconds=time.monotonic() - self.started,
+            records=tuple(sorted(records, key=lambda record: record.at)),
         )
 
 
@@ -221,6 +387,7 @@ class MetrionCacheMagics(Magics):
         super().__init__(shell)
         self._cells: list[_Cell] = []
         self._refresh_armed = False
+        self._kernel_stats: list[Stats] = []  # of every session the magics made in this kernel: status adds them up
 
     # The docstring is the help of ``%metrion_cache?``; magic_arguments appends the options.
     @magic_arguments()
@@ -229,8 +396,14 @@ class MetrionCacheMagics(Magics):
         nargs="?",
         choices=ACTIONS,
         help="on: cache every LLM call of this kernel; off: stop; refresh: the next cell's calls go to "
-        "the provider and replace their cached answers; status: store, mode, TTL, namespace and counts; "
-        "clear: delete this namespace's entries. Without an action: status. Not used by %%%%metrion_cache.",
+        "the provider and replace their cached answers; status: store, mode, TTL, namespace and this "
+        "kernel's counts; clear: delete this namespace's entries; stats: the ledger of every process that "
+        "used the store, as a table and a chart per day. Without an action: status. Not used by %%%%metrion_cache.",
+    )
+    @argument(
+        "--period",
+        metavar="PERIOD",
+        help="for stats: today, 7d, 30d, all (the default), or a duration like 12h or 90d",
     )
     @_option_arguments
     @line_cell_magic
@@ -240,14 +413,17 @@ class MetrionCacheMagics(Magics):
         %metrion_cache on [options]   every call of the kernel, until %metrion_cache off
         %metrion_cache off
         %metrion_cache refresh        the next cell calls the provider again and replaces the answers
-        %metrion_cache status
+        %metrion_cache status         store, mode, TTL, namespace, and the counts of every `on` of this kernel
         %metrion_cache clear          delete this namespace's entries (and say how many)
+        %metrion_cache stats [--period 7d]   the ledger in the store (every process, every run): a table and
+                                      a chart of hits and misses per day
 
         %%metrion_cache [options]     on the first line of a cell: only that cell is cached,
                                       top-level await included; what was active before is restored.
 
         After each cell that made cached calls, one line says how many answers came from the
-        cache, how many from the provider, and the time saved.
+        cache, how many from the provider, which calls missed, and what was saved; in Jupyter a
+        colored pill (cached, partly cached, provider, refused) and the list of the calls.
         """
         if cell is not None:
             return self._run_cell_fallback(line, cell)
@@ -255,6 +431,8 @@ class MetrionCacheMagics(Magics):
         action = args.action or "status"
         given = [name for name in _SESSION_OPTIONS if getattr(args, name) is not None]
         unwanted = [_FLAG[name] for name in given if name not in _OPTIONS_TAKEN[action]]
+        if args.period is not None and action != "stats":
+            unwanted.append("--period")
         if unwanted:
             raise _error(f"'{action}' takes no {' or '.join(unwanted)} option; usage: {USAGE}")
         getattr(self, f"_{action}")(args)
@@ -266,6 +444,7 @@ class MetrionCacheMagics(Magics):
             session = enable(options=self._session_options(args), report=False)  # each cell reports
         except MetrionCacheError as error:
             raise _error(error) from None
+        self._kernel_stats.append(session.stats)
         cell = self._current_cell()
         if cell is not None:
             cell.watch(session, from_zero=True)
@@ -295,8 +474,9 @@ class MetrionCacheMagics(Magics):
 
     def _status(self, args: Any) -> None:
         session = active_session()
+        counts = self._kernel_counts()
         if session is None:
-            print("metrion cache: off (turn it on with %metrion_cache on)")
+            print("metrion cache: off (turn it on with %metrion_cache on)" + (f"\n{counts}" if counts else ""))
             return
         enabled = enabled_session()
         if session is enabled:
@@ -305,7 +485,6 @@ class MetrionCacheMagics(Magics):
             state = "on, refreshing this cell"
         else:
             state = "on inside this block or cell only"
-        stats = session.stats
         try:
             entries = str(len(session.store.keys(f"{session.settings.namespace}:")))
         except Exception as error:  # noqa: BLE001 - a store that does not answer is reported, not raised
@@ -317,18 +496,57 @@ class MetrionCacheMagics(Magics):
             f"  ttl        {format_ttl(session.settings.ttl)}",
             f"  namespace  {session.settings.namespace}",
             f"  scope      {session.settings.scope}",
+            f"  source     {session.source}",
             f"  entries    {entries}",
-            (
-                f"  calls      {stats.requests} ({stats.hits} from cache, {stats.misses} missed, "
-                f"{stats.refreshes} refreshed, {stats.bypassed} bypassed, {stats.errors} refused), "
-                f"{format_seconds(stats.saved_seconds)} saved"
-            ),
+            counts or "  calls      none yet in this kernel",
         ]
-        if stats.store_errors:
-            lines.append(f"  store errors {stats.store_errors} (those calls went to the provider uncached)")
         if self._refresh_armed:
             lines.append("  next cell  refresh")
         print("\n".join(lines))
+
+    def _kernel_counts(self) -> str:
+        """The calls of every session the magics made in this kernel, whichever is on now ("" if none)."""
+        active = active_session()
+        stats = combined([*self._kernel_stats, *([active.stats] if active is not None else [])])
+        if not stats.requests:
+            return ""
+        line = (
+            f"  calls      {stats.requests} in this kernel ({stats.hits} from cache, {stats.misses} missed, "
+            f"{stats.refreshes} refreshed, {stats.bypassed} bypassed, {stats.errors} refused), "
+            f"{format_seconds(stats.saved_seconds)} of provider time saved"
+        )
+        saved_tokens = stats.saved_input_tokens + stats.saved_output_tokens
+        if saved_tokens:
+            line += f", {saved_tokens:,} tokens" + (f" ({money(stats.saved_usd)})" if stats.saved_usd else "")
+        if stats.store_errors:
+            line += f"\n  store errors {stats.store_errors} (those calls went to the provider uncached)"
+        return line
+
+    def _stats(self, args: Any) -> None:
+        period = (args.period or "all").strip()
+        store, url = self._ledger_store(args)
+        try:
+            figures = savings(store, period, args.namespace)
+            report = ledger_stats(store, args.namespace, since=figures["since"], by="model")
+        except MetrionCacheError as error:
+            raise _error(error) from None
+        except Exception as error:  # noqa: BLE001 - a store that does not answer: one line, no traceback
+            raise _error(f"could not read the ledger in {url}: {type(error).__name__}: {error}") from None
+        display(LedgerReport(url=url, namespace=args.namespace, figures=figures, report=report))
+
+    def _ledger_store(self, args: Any) -> tuple[Store, str]:
+        """The store to read: --url, else the active session's, else $METRION_CACHE_URL or the default one."""
+        session = active_session()
+        if args.url is None and session is not None:
+            return session.store, session.url
+        url = args.url or os.environ.get(URL_ENV) or default_store_url()
+        try:
+            store = open_store(url)
+        except MetrionCacheError as error:
+            raise _error(error) from None
+        if isinstance(store, SQLiteStore) and not store.path.exists():
+            raise _error(f"no store at {store.path} (check --url or ${URL_ENV})")
+        return store, store.url
 
     def _clear(self, args: Any) -> None:
         session = active_session()
@@ -356,6 +574,7 @@ class MetrionCacheMagics(Magics):
             cell = _Cell(info=None)
             self._cells.append(cell)
         session = self._cell_session(args, cell)
+        self._kernel_stats.append(session.stats)
         cell.watch(session, from_zero=True)
         cell.blocks.append((session, _open_block(session)))
 

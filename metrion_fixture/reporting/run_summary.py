@@ -11,6 +11,7 @@ import atexit
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import fields
 from typing import TYPE_CHECKING, TextIO
 
@@ -45,11 +46,12 @@ def silence() -> None:
     _quiet = True
 
 
-def combined(sessions: list[CacheSession]) -> Stats:
+def combined(each: Iterable[Stats]) -> Stats:
+    """The sum of several sessions' stats (a Stats shared by two sessions counts once)."""
     total = Stats()
-    for session in sessions:
+    for stats in {id(stats): stats for stats in each}.values():
         for field in fields(Stats):
-            setattr(total, field.name, getattr(total, field.name) + getattr(session.stats, field.name))
+            setattr(total, field.name, getattr(total, field.name) + getattr(stats, field.name))
     return total
 
 
@@ -87,7 +89,7 @@ def print_summary(file: TextIO | None = None) -> None:
         sessions, started = list(_sessions), _started
     if _quiet or not sessions or started is None:
         return
-    line = summary_line(combined(sessions), time.monotonic() - started)
+    line = summary_line(combined(session.stats for session in sessions), time.monotonic() - started)
     try:
         print(line, file=file or sys.stderr, flush=True)
     except (OSError, ValueError):  # stderr closed (a daemon): nothing to tell
