@@ -473,18 +473,48 @@ def test_a_redis_password_never_shows_in_errors(password, caplog):
         assert not any(fragment in text for text in shown), (fragment, shown)
 
 
-@pytest.mark.xfail(strict=True, reason=STORE_OWNER + "12")
 def test_the_near_cache_is_not_stale_after_swapdb(redis_chaos):
-    """An answer remembered by the near cache, then SWAPDB puts another database in its place: not served."""
-    session, provider = session_on(redis_chaos.url), Echo()
-    asked = question()
-    assert [ask(session, provider, asked).tag for _ in range(2)] == ["MISS", "HIT"]  # the HIT from memory
-    redis_chaos.client().swapdb(0, 1)  # database 0 is now the empty database 1
+    """Issue 14, item 12: SWAPDB changes no key, so Redis invalidates nothing; the near cache's health
+    check finds another database's marker and drops what it kept. The promise (README): a hit outlives
+    a SWAPDB by DB_CONFIRMED_FOR at most, and once the new database's answer is seen, never the old."""
+    from metrion_fixture.stores.redis import RedisStore
+    from metrion_fixture.stores.redis_tracking import DB_CONFIRMED_FOR
+
+    store = RedisStore(redis_chaos.url)  # a store of its own: the process-wide one may hold others' state
+    key = f"chaos-{uuid.uuid4().hex[:10]}:k"
+    database_1 = redis.Redis(port=redis_chaos.port, db=1)
     try:
-        assert ask(session, provider, asked).tag == "MISS", "a stale answer from before SWAPDB was served"
+        store.set(key, b"old", 60)
+        database_1.set(key, b"new", ex=60)
+        assert [store.get(key) for _ in range(3)] == [b"old"] * 3
+        assert store._near is not None and store._near.tracking and len(store._near._values) == 1  # kept in memory
+        redis_chaos.client().swapdb(0, 1)
+        swapped = time.monotonic()
+        seen: list[tuple[float, bytes | None]] = []
+        while time.monotonic() - swapped < DB_CONFIRMED_FOR + 2:
+            seen.append((time.monotonic() - swapped, store.get(key)))
+            time.sleep(0.005)
+        firsts = [index for index, (_, value) in enumerate(seen) if value == b"new"]
+        assert firsts, f"the old database's answer was served for {seen[-1][0]:.1f} s after SWAPDB"
+        assert seen[firsts[0]][0] < DB_CONFIRMED_FOR + SLACK, seen[firsts[0]]
+        assert all(value == b"new" for _, value in seen[firsts[0] :]), "the old answer came back"
     finally:
         redis_chaos.client().swapdb(0, 1)
-        redis_chaos.client().select(1)
+        database_1.close()
+        store.close()
+
+    # Through a session: an answer remembered from memory, then SWAPDB to an empty database: a MISS soon.
+    session, provider = session_on(redis_chaos.url), Echo()
+    asked = question()
+    assert [ask(session, provider, asked).tag for _ in range(2)] == ["MISS", "HIT"]
+    redis_chaos.client().swapdb(0, 1)  # database 0 is now the empty database 1
+    try:
+        swapped = time.monotonic()
+        while ask(session, provider, asked).tag == "HIT":
+            assert time.monotonic() - swapped < DB_CONFIRMED_FOR + SLACK, "a stale answer was served after SWAPDB"
+            time.sleep(0.01)
+    finally:
+        redis_chaos.client().swapdb(0, 1)
 
 
 # -- purge (issue 14, item 11) ---------------------------------------------------------------------

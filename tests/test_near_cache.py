@@ -148,6 +148,44 @@ def test_a_flush_drops_everything_kept(store: RedisStore, prefix: str) -> None:
     assert near.lookup(prefix + "c")[1] != ticket  # a read in flight during the flush keeps nothing
 
 
+def test_another_databases_marker_drops_everything_kept(
+    store: RedisStore, other: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a SWAPDB looks like to the near cache: no invalidation, another database's marker. (The real
+    SWAPDB is in test_chaos.py, on a Redis of its own: this one is shared.)"""
+    monkeypatch.setattr(redis_tracking, "PING_EVERY", 0.05)
+    key = prefix + "k"
+    store.set(key, b"v", 60)
+    assert store.get(key) == store.get(key) == b"v"
+    near = store._near
+    assert near is not None and near._db_marker is not None and len(near._values) == 1
+    sent = count_round_trips(store, monkeypatch)
+    assert store.get(key) == b"v" and sent == []  # from memory
+    swapped_in = uuid.uuid4().hex.encode()
+    other.set(redis_tracking.DB_MARKER_KEY, swapped_in)  # the marker key itself is not tracked
+    assert eventually(lambda: store.get(key) == b"v" and near._db_marker == swapped_in)
+    sent.clear()
+    assert store.get(key) == b"v" and sent == [], "memory is used again once the new database is confirmed"
+
+
+def test_the_database_check_keeps_repeated_hits_in_memory(
+    store: RedisStore, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The health check confirms the database ahead of time: reads going on for several confirmation
+    periods stay in memory (no round trip), as they did before the check existed."""
+    key = prefix + "k"
+    store.set(key, b"v", 60)
+    store.get(key), store.get(key)
+    sent = count_round_trips(store, monkeypatch)
+    until = time.monotonic() + 2.5 * redis_tracking.DB_CONFIRMED_FOR
+    reads = 0
+    while time.monotonic() < until:
+        assert store.get(key) == b"v"
+        reads += 1
+        time.sleep(0.002)
+    assert reads > 100 and len(sent) <= 2, f"{len(sent)} round trips for {reads} repeated reads"
+
+
 def test_writes_made_here_are_seen_at_once(store: RedisStore, prefix: str) -> None:
     key = prefix + "k"
     store.set(key, b"one", 60)

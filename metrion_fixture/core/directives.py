@@ -96,10 +96,11 @@ def check_ttl(ttl: object) -> int:
     return min(seconds, MAX_TTL_SECONDS)
 
 
-# Namespaces the cache keeps for its own records (``_ledger``: every namespace's call records):
-# a name starting with '_' is refused, so clearing a namespace never touches them.
+# Namespaces the cache keeps for its own records (``_ledger``: every namespace's call records;
+# ``_near``: the marker naming a Redis database, stores/redis_tracking.py): a name starting with '_'
+# is refused, so clearing a namespace never touches them.
 RESERVED_NAMESPACE_PREFIX = "_"
-RESERVED_NAMESPACES = ("_ledger",)
+RESERVED_NAMESPACES = ("_ledger", "_near")
 
 
 def check_namespace(namespace: object) -> str:

@@ -14,8 +14,15 @@ What that guarantees:
 - a value read while some key changed is not kept (every change bumps an epoch, and a
   read keeps its value only if the epoch did not move while it was in flight);
 - if the tracking connection breaks, closes or stops answering a health check
-  (a PING every second while reads go on, answered within three), everything kept is
+  (sent every half second while reads go on, answered within three), everything kept is
   dropped and reads go to Redis (one GET each) until tracking is set up again;
+- SWAPDB (and a database swapped in by any other means) changes no key, so Redis sends no
+  invalidation for it: the health check reads a marker key naming the database (``_near:db``,
+  a random id, created by the first process that looks); memory is served only while the last
+  check that saw this process's marker was sent within ``DB_CONFIRMED_FOR`` (a second), and a
+  check that sees another marker drops everything kept. A hit may be served from memory up to a
+  second after a SWAPDB; a read while no check is that recent goes to Redis (its GET, and the
+  check it sends, run as a miss would);
 - setting tracking up (connect, HELLO 3, CLIENT TRACKING) happens on a thread of its own,
   at most once per ``RETRY_AFTER`` after a failure: an event loop never waits for it; the
   read that started it waits for it (blocking, or awaited), and if Redis took the connection
@@ -33,10 +40,12 @@ just means every read is a GET.
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import os
 import select
 import threading
 import time
+import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -47,7 +56,16 @@ import redis.connection
 
 from metrion_fixture.stores.near import NearCache
 
-PING_EVERY = 1.0  # seconds between health checks of the tracking connection while reads go on
+PING_EVERY = 0.5  # seconds between health checks of the tracking connection while reads go on
+# Memory is served only while a health check sent this recently found the database this process
+# tracks (SWAPDB sends no invalidation): how long a hit may outlive a SWAPDB.
+DB_CONFIRMED_FOR = 1.0
+# The key naming the database: a random id, SET NX by the first process that looks. Under the
+# reserved namespace prefix "_", so no cache entry or ledger record is ever stored there.
+DB_MARKER_KEY = "_near:db"
+# One round trip that creates the marker if it is missing and returns it (never nil: eviction
+# cannot run between the two calls of one script).
+_DB_MARKER_SCRIPT = "redis.call('set', KEYS[1], ARGV[1], 'NX') return redis.call('get', KEYS[1])"
 PONG_WITHIN = 3.0  # a health check unanswered this long means the connection is presumed dead
 RETRY_AFTER = 5.0  # after losing tracking, plain GETs for this long before setting it up again
 # A process that stops reading (an idle notebook kernel) closes its tracking connection after
@@ -55,6 +73,7 @@ RETRY_AFTER = 5.0  # after losing tracking, plain GETs for this long before sett
 IDLE_CLOSE = 60.0
 
 _HANDLED = object()  # what the push handler returns, to tell pushes from replies
+_DB_CHECK = object()  # the tag of a health check's reply in the queue of replies to read
 
 
 def tracked_prefix(key: str) -> str | None:
@@ -73,6 +92,10 @@ class _Unsupported(Exception):
 
 def _ignore(message: Any) -> object:
     return _HANDLED
+
+
+_SERVE = object()  # what _ready says: memory may answer
+_READ = object()  # tracking is up but the database is not confirmed lately: read Redis, remember
 
 
 # Every near cache of the process, for fork(): a lock held by another thread at that moment
@@ -97,8 +120,10 @@ class TrackedNearCache:
         self._prefixes: set[str] = set()  # tracked: Redis said OK
         self._requested: set[str] = set()  # CLIENT TRACKING sent, its reply not read yet
         # The replies still to read, in the order of the commands: a prefix's CLIENT TRACKING, or
-        # None for a PING; each with the time it was sent (the health check).
-        self._awaiting: deque[tuple[str | None, float]] = deque()
+        # _DB_CHECK for a health check; each with the time it was sent.
+        self._awaiting: deque[tuple[object, float]] = deque()
+        self._db_marker: bytes | None = None  # the database this process tracks (see DB_MARKER_KEY)
+        self._confirmed_at = -math.inf  # when the last health check that found it was sent
         self._epoch = 0  # moves on every invalidation and every write made here
         self._pid = os.getpid()
         self._retry_at = 0.0
@@ -125,9 +150,12 @@ class TrackedNearCache:
         if prefix is None:
             return None, None
         with self._lock:  # begin(), without its cost on the hit path
-            if self._ready(prefix):
+            state = self._ready(prefix)
+            if state is _SERVE:
                 value = self._values.get(key, time.time())
                 return (value, None) if value is not None else (None, self._epoch)
+            if state is _READ:
+                return None, self._epoch
             setting_up = self._set_up_later(prefix) if self._conn is None else None
         if setting_up is None:
             return None, None
@@ -146,10 +174,13 @@ class TrackedNearCache:
         if prefix is None:
             return None, None, None
         with self._lock:
-            if not self._ready(prefix):
-                return None, None, self._set_up_later(prefix) if self._conn is None else None
-            value = self._values.get(key, time.time())
-            return (value, None, None) if value is not None else (None, self._epoch, None)
+            state = self._ready(prefix)
+            if state is _SERVE:
+                value = self._values.get(key, time.time())
+                return (value, None, None) if value is not None else (None, self._epoch, None)
+            if state is _READ:
+                return None, self._epoch, None
+            return None, None, self._set_up_later(prefix) if self._conn is None else None
 
     def remember(self, key: str, value: bytes | None, ttl_ms: int, ticket: int) -> None:
         """Keep ``value``, read from Redis with ``ttl_ms`` left (PTTL), unless anything changed meanwhile."""
@@ -214,6 +245,11 @@ class TrackedNearCache:
             reply = conn.read_response()
             if reply not in (b"OK", "OK"):
                 raise redis.ResponseError(f"CLIENT TRACKING answered {reply!r}")
+            checked_at = time.monotonic()
+            self._send_db_check(conn)
+            marker = conn.read_response()
+            if not isinstance(marker, (bytes, str)):
+                raise redis.ResponseError(f"the database marker script answered {marker!r}")
         except Exception as error:  # noqa: BLE001 - any failure only leaves the near cache off for a while
             if conn is not None:
                 try:
@@ -248,6 +284,8 @@ class TrackedNearCache:
                     self._poller.register(sock, select.POLLIN)
                 self._conn, self._buffered = conn, True
                 self._prefixes.add(prefix)
+                self._db_marker = marker.encode() if isinstance(marker, str) else marker
+                self._confirmed_at = checked_at
                 self._pinged_at = self._used_at = time.monotonic()
                 stop = self._stop_watching = threading.Event()
         if not current:  # closed (or forked) meanwhile
@@ -274,7 +312,8 @@ class TrackedNearCache:
 
     # Everything below runs with the lock held.
 
-    def _ready(self, prefix: str) -> bool:
+    def _ready(self, prefix: str) -> object:
+        """_SERVE (memory may answer), _READ (read Redis and remember) or None (no near cache now)."""
         if self._pid != os.getpid():
             # After fork(): the socket is the parent's; never read or close it here. Nor is there
             # a set-up thread any more.
@@ -283,7 +322,7 @@ class TrackedNearCache:
             self._generation += 1
             self._reset()
         if self._conn is None:
-            return False
+            return None
         try:
             if prefix not in self._prefixes and prefix not in self._requested:
                 self._request(prefix)
@@ -292,11 +331,13 @@ class TrackedNearCache:
         except redis.ResponseError:
             self.unsupported = True  # refused by the server: it will not change its mind
             self._lost()
-            return False
+            return None
         except Exception:  # noqa: BLE001 - any failure here only turns the near cache off for a while
             self._lost()
-            return False
-        return prefix in self._prefixes
+            return None
+        if prefix not in self._prefixes:
+            return None
+        return _SERVE if time.monotonic() - self._confirmed_at <= DB_CONFIRMED_FOR else _READ
 
     def _set_up_later(self, prefix: str) -> concurrent.futures.Future[None] | None:
         if self.unsupported or self._setting_up is not None or time.monotonic() < self._retry_at:
@@ -330,13 +371,24 @@ class TrackedNearCache:
         while conn.can_read(timeout=0):
             reply = conn.read_response(push_request=True)
             if reply is _HANDLED or not isinstance(reply, (bytes, str)) or not self._awaiting:
-                continue  # an invalidation, or a push that is not ours
-            prefix, _ = self._awaiting.popleft()
-            if prefix is not None:
-                self._requested.discard(prefix)
+                continue  # an invalidation, or a push that is not ours (our replies are never nil)
+            tag, sent_at = self._awaiting.popleft()
+            if tag is _DB_CHECK:
+                self._db_checked(reply.encode() if isinstance(reply, str) else reply, sent_at)
+            elif isinstance(tag, str):
+                self._requested.discard(tag)
                 if reply not in (b"OK", "OK"):
                     raise redis.ResponseError(f"CLIENT TRACKING answered {reply!r}")
-                self._prefixes.add(prefix)
+                self._prefixes.add(tag)
+
+    def _db_checked(self, marker: bytes, sent_at: float) -> None:
+        if marker != self._db_marker:
+            # Another database is in place (SWAPDB, or a flush removed the marker): nothing kept
+            # belongs to it. Whatever is remembered from now on was read from the new one.
+            self._epoch += 1
+            self._values.clear()
+            self._db_marker = marker
+        self._confirmed_at = max(self._confirmed_at, sent_at)
 
     def _check_health(self) -> None:
         now = self._used_at = time.monotonic()
@@ -345,10 +397,14 @@ class TrackedNearCache:
                 raise ConnectionError("the tracking connection did not answer in time")
         elif now - self._pinged_at > PING_EVERY:
             assert self._conn is not None
-            self._conn.send_command("PING")
-            self._awaiting.append((None, now))
+            self._send_db_check(self._conn)
+            self._awaiting.append((_DB_CHECK, now))
             self._pinged_at = now
             self._buffered = True  # in case the client library read anything while sending
+
+    @staticmethod
+    def _send_db_check(conn: redis.connection.AbstractConnection) -> None:
+        conn.send_command("EVAL", _DB_MARKER_SCRIPT, 1, DB_MARKER_KEY, uuid.uuid4().hex)
 
     def _invalidated(self, message: Any) -> object:
         # Called by the parser, inside _drain, so with the lock held.
@@ -378,6 +434,7 @@ class TrackedNearCache:
         self._awaiting.clear()
         self._values.clear()
         self._epoch += 1
+        self._db_marker, self._confirmed_at = None, -math.inf
 
 
 def _after_fork_in_child() -> None:
