@@ -29,6 +29,7 @@ import openai
 import pytest
 import vcr
 import vcr.stubs.httpx_stubs
+from recorded_calls import send
 
 import metrion_fixture
 import metrion_fixture.stores.sqlite
@@ -249,70 +250,10 @@ def _labelled_json(case: Any) -> bool:
     return case.stream and case.content_type.startswith("application/json")
 
 
-def _anthropic_digest(message: Any) -> str:
-    parts = []
-    for block in message.content:
-        parts += [getattr(block, name, None) or "" for name in ("text", "thinking", "name")]
-        parts += [citation.cited_text for citation in getattr(block, "citations", None) or []]
-    return " ".join(parts)
-
-
-def _openai_digest(message: Any) -> str:
-    extra = message.model_extra or {}
-    parts = [message.content or "", message.refusal or "", str(extra.get("reasoning") or "")]
-    parts += [call.function.name + call.function.arguments for call in message.tool_calls or []]
-    parts.append(message.audio.transcript if message.audio else "")
-    return " ".join(parts)
-
-
-def _openai_stream_digest(chunks: Any) -> str:
-    parts = []
-    for chunk in chunks:
-        for choice in chunk.choices:
-            delta = choice.delta
-            parts += [
-                delta.content or "",
-                delta.refusal or "",
-                str((delta.model_extra or {}).get("reasoning_content") or ""),
-            ]
-            parts += [
-                (c.function.name or "") + (c.function.arguments or "") for c in delta.tool_calls or [] if c.function
-            ]
-    return "".join(parts)
-
-
 def replay_through_sdk(case: Any, base_url: str, *, stream: bool) -> str:
     """Send the recorded request again through its real SDK; what the parsed answer says."""
-    params = {name: value for name, value in case.request.items() if name not in ("stream", "stream_options")}
-    if case.api == "anthropic":
-        claude = anthropic.Anthropic(base_url=base_url, api_key="sk-ant-test", max_retries=0)
-        if stream:
-            with claude.messages.stream(**params) as events:
-                return _anthropic_digest(events.get_final_message())
-        return _anthropic_digest(claude.messages.create(**params))
-    gpt = openai.OpenAI(base_url=base_url + "/v1", api_key="sk-openai-test", max_retries=0)
-    if case.api == "openai":
-        if stream:
-            options = case.request.get("stream_options") or {"include_usage": True}
-            return _openai_stream_digest(gpt.chat.completions.create(**params, stream=True, stream_options=options))
-        return _openai_digest(gpt.chat.completions.create(**params).choices[0].message)
-    if case.api == "responses":
-        if stream:
-            with gpt.responses.stream(**params) as events:
-                return events.get_final_response().output_text
-        return gpt.responses.create(**params).output_text
-    from google import genai
-    from google.genai import types as genai_types
-
-    gemini = genai.Client(api_key="AIza-test", http_options=genai_types.HttpOptions(base_url=base_url))
-    model = case.uri.rpartition("/models/")[2].partition(":")[0]
-    config = genai_types.GenerateContentConfig.model_validate(
-        {**params.get("generationConfig", {}), "systemInstruction": params.get("systemInstruction")}
-    )
-    if stream:
-        chunks = gemini.models.generate_content_stream(model=model, contents=params["contents"], config=config)
-        return "".join(chunk.text or "" for chunk in chunks)
-    return gemini.models.generate_content(model=model, contents=params["contents"], config=config).text or ""
+    model = case.uri.rpartition("/models/")[2].partition(":")[0] if case.api == "gemini" else None
+    return send(case.api, case.request, base_url, stream=stream, model=model)
 
 
 @pytest.fixture(scope="module")

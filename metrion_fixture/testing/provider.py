@@ -2,9 +2,26 @@
 
 For the offline demo and the test suite.
 
-Stdlib only. Failure modes are chosen per request with the ``x-simulate`` header (comma-separated,
-e.g. ``gzip, cut-stream``): ``status-500``, ``status-429``, ``status-400``, ``cut-stream``,
-``error-event``, ``no-terminator``, ``gzip``, ``big``.
+Stdlib only. The answers carry the fields real ones carry today, by default or when the request
+asks for them as it would the real API: OpenAI's ``annotations``, ``refusal``, ``service_tier``,
+``system_fingerprint``, usage details and stream ``obfuscation`` padding, ``logprobs`` (with
+``"logprobs": true``), ``audio`` (with ``"modalities": ["text", "audio"]``), ``reasoning_content``
+(``deepseek-reasoner``); Anthropic's cache usage fields, ``service_tier`` and thinking blocks (with
+``"thinking": {"type": "enabled"}``); Responses reasoning items (with ``"reasoning"``); Gemini's
+safety ratings, usage metadata and thought parts (with ``"includeThoughts": true``), in CRLF-framed
+streams as Gemini sends them.
+
+Other answers and failure modes are chosen per request with the ``x-simulate`` header
+(comma-separated, e.g. ``gzip, cut-stream``):
+
+- failures: ``status-500``, ``status-429``, ``status-400``, ``cut-stream``, ``error-event``,
+  ``no-terminator``, ``big``;
+- answers: ``tool-call`` (a call of the first tool the request offers), ``citations``, ``refusal``
+  (OpenAI), ``reasoning`` (OpenRouter's ``reasoning`` / ``reasoning_details``, or DeepSeek's
+  ``reasoning_content`` for ``deepseek`` models);
+- framing: ``gzip`` (the body), ``crlf`` or ``cr`` (SSE line ends; ``lf`` for Gemini's),
+  ``ping-comments`` (``: ping`` comment lines between events), ``sse-as-json`` (a stream labelled
+  ``Content-Type: application/json``, as some gateways do).
 """
 
 from __future__ import annotations
@@ -131,6 +148,47 @@ def _sse(event: str | None, data: Any) -> bytes:
     return (f"event: {event}\n" if event else "").encode() + f"data: {payload}\n\n".encode()
 
 
+_SIGNATURE = "EqQBCkYIBxgCKkDw0fOjYh1p0n9w3rmp7R3eZkqeJ8cB2X0vYp7Tj5oQ4mYzS1YH0mX6ZsG8f9X2oQ=="
+
+
+def _frame(events: list[bytes], modes: set[str], default_newline: bytes = b"\n") -> list[bytes]:
+    """The framing quirks real streams have: CRLF or lone-CR line ends, ``: ping`` comments."""
+    newline = b"\r\n" if "crlf" in modes else b"\r" if "cr" in modes else b"\n" if "lf" in modes else default_newline
+    if "ping-comments" in modes:
+        events = [event + (b": ping\n\n" if index % 3 == 2 else b"") for index, event in enumerate(events)]
+    if newline != b"\n":  # JSON payloads hold no raw line break: every one is framing
+        events = [event.replace(b"\n", newline) for event in events]
+    return events
+
+
+def _first_tool(req: dict[str, Any], modes: set[str]) -> str | None:
+    """The tool the answer calls: the first one offered, when the request asks for a tool call."""
+    if "tool-call" not in modes:
+        return None
+    for tool in req.get("tools") or []:
+        if not isinstance(tool, dict):
+            continue
+        function: dict[str, Any] = tool["function"] if isinstance(tool.get("function"), dict) else tool
+        declarations = tool.get("functionDeclarations") or tool.get("function_declarations")
+        if isinstance(declarations, list) and declarations and isinstance(declarations[0], dict):
+            function = declarations[0]
+        if isinstance(function.get("name"), str):
+            return str(function["name"])
+    return None
+
+
+def _logprobs(pieces: list[str]) -> list[dict[str, Any]]:
+    return [
+        {
+            "token": piece,
+            "logprob": -0.0123,
+            "bytes": list(piece.encode()),
+            "top_logprobs": [{"token": piece, "logprob": -0.0123, "bytes": list(piece.encode())}],
+        }
+        for piece in pieces
+    ]
+
+
 def _cut(events: list[bytes], error: bytes, modes: set[str]) -> tuple[list[bytes], bool]:
     """Apply the stream failure modes (the last event is the end marker); True means hang up."""
     half = max(1, len(events) // 2)
@@ -230,9 +288,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _anthropic(self, req: dict[str, Any], answer: str, tokens: tuple[int, int], modes: set[str]) -> None:
         usage = {
             "input_tokens": tokens[0],
-            "output_tokens": tokens[1],
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
+            "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+            "output_tokens": tokens[1],
+            "service_tier": "standard",
         }
         message = {
             "id": f"msg_{uuid.uuid4().hex[:24]}",
@@ -241,9 +301,28 @@ class _Handler(BaseHTTPRequestHandler):
             "model": str(req.get("model", "claude-simulated")),
         }
         headers = self._headers("request-id", "anthropic-ratelimit-requests-remaining")
-        stop = {"stop_reason": "end_turn", "stop_sequence": None}
+        thinking = isinstance(req.get("thinking"), dict) and req["thinking"].get("type") in ("enabled", "adaptive")
+        tool = _first_tool(req, modes)
+        thought = f"The user asks: {answer[:40]}. A short, direct answer will do."
+        text_block: dict[str, Any] = {"type": "text", "text": answer}
+        if "citations" in modes:
+            text_block["citations"] = [
+                {
+                    "type": "web_search_result_location",
+                    "cited_text": answer[:60],
+                    "url": "https://example.com/source",
+                    "title": "A simulated source",
+                    "encrypted_index": "Eo8BCioIAhgBIiQ0NGFlNjc2Yy0yZmM3",
+                }
+            ]
+        tool_block = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": tool, "input": {"query": "x"}}
+        stop = {"stop_reason": "tool_use" if tool else "end_turn", "stop_sequence": None}
         if not req.get("stream"):
-            content = [{"type": "text", "text": answer}]
+            content: list[dict[str, Any]] = [text_block]
+            if thinking:
+                content.insert(0, {"type": "thinking", "thinking": thought, "signature": _SIGNATURE})
+            if tool:
+                content.append(tool_block)
             body = {**message, "content": content, **stop, "usage": usage}
             return self._send_json(200, body, headers, cut="cut-stream" in modes)
 
@@ -257,30 +336,117 @@ class _Handler(BaseHTTPRequestHandler):
             "stop_sequence": None,
             "usage": {**usage, "output_tokens": 1},
         }
-        deltas = [{"type": "text_delta", "text": p} for p in _pieces(answer)]
+        blocks: list[bytes] = []
+        index = 0
+        if thinking:
+            blocks += [
+                event(
+                    "content_block_start", index=0, content_block={"type": "thinking", "thinking": "", "signature": ""}
+                ),
+                event("content_block_delta", index=0, delta={"type": "thinking_delta", "thinking": thought}),
+                event("content_block_delta", index=0, delta={"type": "signature_delta", "signature": _SIGNATURE}),
+                event("content_block_stop", index=0),
+            ]
+            index = 1
+        opened: dict[str, Any] = {"type": "text", "text": ""}
+        if "citations" in modes:
+            opened["citations"] = []
+        blocks.append(event("content_block_start", index=index, content_block=opened))
+        if index == 0:
+            blocks.append(event("ping"))  # the real API pings right after the first block starts
+        blocks += [
+            event("content_block_delta", index=index, delta={"type": "text_delta", "text": p}) for p in _pieces(answer)
+        ]
+        if "citations" in modes:
+            citation = text_block["citations"][0]
+            blocks.append(
+                event("content_block_delta", index=index, delta={"type": "citations_delta", "citation": citation})
+            )
+        blocks.append(event("content_block_stop", index=index))
+        if tool:
+            index += 1
+            blocks += [
+                event("content_block_start", index=index, content_block={**tool_block, "input": {}}),
+                event("content_block_delta", index=index, delta={"type": "input_json_delta", "partial_json": ""}),
+                event(
+                    "content_block_delta",
+                    index=index,
+                    delta={"type": "input_json_delta", "partial_json": '{"query": "x"}'},
+                ),
+                event("content_block_stop", index=index),
+            ]
+        final_usage = {
+            name: usage[name] for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+        }
         events = [
             event("message_start", message=start),
-            event("content_block_start", index=0, content_block={"type": "text", "text": ""}),
-            event("ping"),
-            *(event("content_block_delta", index=0, delta=d) for d in deltas),
-            event("content_block_stop", index=0),
-            event("message_delta", delta=stop, usage={"output_tokens": tokens[1]}),
+            *blocks,
+            event("message_delta", delta=stop, usage={**final_usage, "output_tokens": tokens[1]}),
             event("message_stop"),
         ]
         error = event("error", error={"type": "overloaded_error", "message": "Overloaded"})
-        self._send_stream(*_cut(events, error, modes), headers)
+        self._send_stream(*_cut(events, error, modes), headers, modes)
 
     def _openai(self, req: dict[str, Any], answer: str, tokens: tuple[int, int], modes: set[str]) -> None:
-        usage = {"prompt_tokens": tokens[0], "completion_tokens": tokens[1], "total_tokens": sum(tokens)}
+        model = str(req.get("model", "gpt-simulated"))
+        deepseek = model.startswith("deepseek")
+        reasoning_tokens = 11 if "reasoning" in modes or model == "deepseek-reasoner" else 0
+        usage = {
+            "prompt_tokens": tokens[0],
+            "completion_tokens": tokens[1] + reasoning_tokens,
+            "total_tokens": sum(tokens) + reasoning_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": reasoning_tokens,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
         base = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:29]}",
             "created": int(time.time()),
-            "model": str(req.get("model", "gpt-simulated")),
+            "model": model,
+            "service_tier": "default",
+            "system_fingerprint": "fp_560af6e559",
         }
         headers = self._headers("x-request-id", "x-ratelimit-remaining-requests")
+        tool = _first_tool(req, modes)
+        refusal = "I'm sorry, I can't help with that." if "refusal" in modes else None
+        thought = f"Thinking about: {answer[:40]}" if reasoning_tokens else None
+        audio = isinstance(req.get("modalities"), list) and "audio" in req["modalities"]
+        wants_logprobs = req.get("logprobs") is True
+        pieces = _pieces(answer)
+        call = {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": tool, "arguments": '{"query":"x"}'},
+        }
+        finish = "tool_calls" if tool else "stop"
         if not req.get("stream"):
-            message = {"role": "assistant", "content": answer, "refusal": None}
-            choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": None if (tool or refusal or audio) else answer,
+                "refusal": refusal,
+                **({"annotations": []} if "annotations" in modes else {}),
+            }
+            if tool:
+                message["tool_calls"] = [call]
+            if audio:
+                message["audio"] = {
+                    "id": f"audio_{uuid.uuid4().hex[:24]}",
+                    "data": "UklGRiQAAABXQVZFZm10IBAAAAABAAEAgD4AAAB9AAACABAAZGF0YQAAAAA=",
+                    "expires_at": int(time.time()) + 3600,
+                    "transcript": answer,
+                }
+            if thought and deepseek:
+                message["reasoning_content"] = thought
+            elif thought:
+                message["reasoning"] = thought
+                details = {"type": "reasoning.text", "text": thought, "format": "unknown", "index": 0}
+                message["reasoning_details"] = [details]
+            logprobs = {"content": _logprobs(pieces), "refusal": None} if wants_logprobs else None
+            choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
             body = {**base, "object": "chat.completion", "choices": [choice], "usage": usage}
             return self._send_json(200, body, headers, cut="cut-stream" in modes)
 
@@ -289,35 +455,57 @@ class _Handler(BaseHTTPRequestHandler):
         # With include_usage the real API puts "usage": null on every chunk but the final usage one.
         chunk = {**base, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
 
-        def delta(d: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": d, "logprobs": None, "finish_reason": finish}
-            return _sse(None, {**chunk, "choices": [choice]})
+        def delta(d: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> bytes:
+            choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
+            # The real API pads each chunk with random characters against length side channels.
+            return _sse(
+                None, {**chunk, "choices": [choice], "obfuscation": "x" * (len(d.get("content") or "") % 7 + 1)}
+            )
 
+        body_deltas: list[bytes] = []
+        if thought:
+            field = "reasoning_content" if deepseek else "reasoning"
+            body_deltas.append(delta({"content": None, field: thought}))
+        if tool:
+            body_deltas.append(
+                delta({"tool_calls": [{"index": 0, **call, "function": {"name": tool, "arguments": ""}}]})
+            )
+            body_deltas.append(delta({"tool_calls": [{"index": 0, "function": {"arguments": '{"query":"x"}'}}]}))
+        elif refusal:
+            body_deltas.append(delta({"refusal": refusal}))
+        elif audio:
+            audio_id = f"audio_{uuid.uuid4().hex[:24]}"
+            body_deltas += [delta({"audio": {"id": audio_id, "transcript": p}}) for p in pieces]
+            body_deltas.append(delta({"audio": {"id": audio_id, "data": "UklGRiQAAABXQVZF", "expires_at": 1}}))
+        else:
+            body_deltas += [
+                delta({"content": p}, logprobs={"content": _logprobs([p]), "refusal": None} if wants_logprobs else None)
+                for p in pieces
+            ]
         # Mistral (same wire shape) always puts the usage on the chunk that finishes the answer.
-        mistral = str(req.get("model", "")).startswith(("mistral", "ministral", "codestral", "magistral"))
+        mistral = model.startswith(("mistral", "ministral", "codestral", "magistral"))
+        finish_chunk = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}], "usage": usage}
         events = [
             delta({"role": "assistant", "content": "", "refusal": None}),
-            *(delta({"content": p}) for p in _pieces(answer)),
-            *(
-                [_sse(None, {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": usage})]
-                if mistral
-                else [delta({}, "stop")]
-            ),
-            *([_sse(None, {**chunk, "choices": [], "usage": usage})] if include_usage else []),
+            *body_deltas,
+            *([_sse(None, finish_chunk)] if mistral else [delta({}, finish)]),
+            *([_sse(None, {**chunk, "choices": [], "usage": usage, "obfuscation": "Qm"})] if include_usage else []),
             _sse(None, "[DONE]"),
         ]
         error = _sse(None, {"error": {"message": "server had an error", "type": "server_error"}})
-        self._send_stream(*_cut(events, error, modes), headers)
+        self._send_stream(*_cut(events, error, modes), headers, modes)
 
     # -- OpenAI Responses and Gemini ---------------------------------------------------------------
 
     def _responses(self, req: dict[str, Any], answer: str, tokens: tuple[int, int], modes: set[str]) -> None:
+        reasoning = isinstance(req.get("reasoning"), dict)
+        reasoning_tokens = 64 if reasoning else 0
         usage = {
             "input_tokens": tokens[0],
             "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": tokens[1],
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": sum(tokens),
+            "output_tokens": tokens[1] + reasoning_tokens,
+            "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+            "total_tokens": sum(tokens) + reasoning_tokens,
         }
         item_id = f"msg_{uuid.uuid4().hex[:24]}"
         response: dict[str, Any] = {
@@ -325,23 +513,47 @@ class _Handler(BaseHTTPRequestHandler):
             "object": "response",
             "created_at": int(time.time()),
             "status": "completed",
+            "background": False,
             "error": None,
             "incomplete_details": None,
             "instructions": req.get("instructions"),
+            "max_output_tokens": None,
             "model": str(req.get("model", "gpt-simulated")),
             "output": [],
             "parallel_tool_calls": True,
             "previous_response_id": req.get("previous_response_id"),
+            "reasoning": req.get("reasoning") if reasoning else {"effort": None, "summary": None},
+            "service_tier": "default",
+            "store": True,
             "temperature": 1.0,
+            "text": {"format": {"type": "text"}, "verbosity": "medium"},
             "tool_choice": "auto",
             "tools": [],
             "top_p": 1.0,
+            "truncation": "disabled",
             "usage": None,
+            "user": None,
             "metadata": {},
         }
-        part = {"type": "output_text", "text": answer, "annotations": []}
+        annotations = (
+            [
+                {
+                    "type": "url_citation",
+                    "start_index": 0,
+                    "end_index": 10,
+                    "title": "A source",
+                    "url": "https://example.com",
+                }
+            ]
+            if "citations" in modes
+            else []
+        )
+        part = {"type": "output_text", "text": answer, "annotations": annotations, "logprobs": []}
         item = {"id": item_id, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
-        done = {**response, "output": [item], "usage": usage}
+        summary = {"type": "summary_text", "text": "**Answering the question**"}
+        reasoning_item = {"id": f"rs_{uuid.uuid4().hex[:24]}", "type": "reasoning", "summary": [summary]}
+        output = [reasoning_item, item] if reasoning else [item]
+        done = {**response, "output": output, "usage": usage}
         headers = self._headers("x-request-id", "x-ratelimit-remaining-requests")
         if not req.get("stream"):
             return self._send_json(200, done, headers, cut="cut-stream" in modes)
@@ -352,24 +564,53 @@ class _Handler(BaseHTTPRequestHandler):
             return _sse(name, {"type": name, "sequence_number": next(sequence), **data})
 
         opened = {**response, "status": "in_progress"}
-        at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        position = 1 if reasoning else 0
+        at = {"item_id": item_id, "output_index": position, "content_index": 0}
+        thinking: list[bytes] = []
+        if reasoning:
+            rs = {"item_id": reasoning_item["id"], "output_index": 0, "summary_index": 0}
+            thinking = [
+                event("response.output_item.added", output_index=0, item={**reasoning_item, "summary": []}),
+                event("response.reasoning_summary_part.added", **rs, part={**summary, "text": ""}),
+                event("response.reasoning_summary_text.delta", **rs, delta=summary["text"], obfuscation="a1"),
+                event("response.reasoning_summary_text.done", **rs, text=summary["text"]),
+                event("response.reasoning_summary_part.done", **rs, part=summary),
+                event("response.output_item.done", output_index=0, item=reasoning_item),
+            ]
+        added = {**item, "status": "in_progress", "content": []}
         events = [
             event("response.created", response=opened),
             event("response.in_progress", response=opened),
-            event("response.output_item.added", output_index=0, item={**item, "status": "in_progress", "content": []}),
-            event("response.content_part.added", **at, part={**part, "text": ""}),
-            *(event("response.output_text.delta", **at, delta=p, logprobs=[]) for p in _pieces(answer)),
+            *thinking,
+            event("response.output_item.added", output_index=position, item=added),
+            event("response.content_part.added", **at, part={**part, "text": "", "annotations": []}),
+            *(
+                event("response.output_text.delta", **at, delta=p, logprobs=[], obfuscation="k" * (len(p) % 5 + 1))
+                for p in _pieces(answer)
+            ),
+            *(
+                event("response.output_text.annotation.added", **at, annotation_index=i, annotation=a)
+                for i, a in enumerate(annotations)
+            ),
             event("response.output_text.done", **at, text=answer, logprobs=[]),
             event("response.content_part.done", **at, part=part),
-            event("response.output_item.done", output_index=0, item=item),
+            event("response.output_item.done", output_index=position, item=item),
             event("response.completed", response=done),
         ]
         error = event("error", code="server_error", message="server had an error", param=None)
-        self._send_stream(*_cut(events, error, modes), headers)
+        self._send_stream(*_cut(events, error, modes), headers, modes)
 
     def _gemini(self, path: str, req: dict[str, Any], answer: str, tokens: tuple[int, int], modes: set[str]) -> None:
         model = path.rstrip("/").rpartition(":")[0].rpartition("/")[2]
         thoughts = 7 if "thinking" in model else 0
+        config = req.get("generationConfig") or req.get("generation_config") or {}
+        thinking_config = (
+            config.get("thinkingConfig") or config.get("thinking_config") if isinstance(config, dict) else None
+        )
+        show_thoughts = isinstance(thinking_config, dict) and bool(
+            thinking_config.get("includeThoughts") or thinking_config.get("include_thoughts")
+        )
+        thoughts = thoughts or (9 if show_thoughts else 0)
         usage = {
             "promptTokenCount": tokens[0],
             "candidatesTokenCount": tokens[1],
@@ -379,23 +620,47 @@ class _Handler(BaseHTTPRequestHandler):
         }
         base = {"modelVersion": model, "responseId": uuid.uuid4().hex[:22]}
         headers = {"x-goog-request-id": uuid.uuid4().hex, "server-timing": "gfet4t7; dur=1"}
+        tool = _first_tool(req, modes)
+        safety = [
+            {"category": category, "probability": "NEGLIGIBLE"}
+            for category in (
+                "HARM_CATEGORY_HATE_SPEECH",
+                "HARM_CATEGORY_DANGEROUS_CONTENT",
+                "HARM_CATEGORY_HARASSMENT",
+                "HARM_CATEGORY_SEXUALLY_EXPLICIT",
+            )
+        ]
+        thought_part: dict[str, Any] = {"text": f"Considering: {answer[:40]}", "thought": True}
 
-        def candidate(text: str, finish: str | None = None) -> dict[str, Any]:
-            found = {"content": {"parts": [{"text": text}], "role": "model"}, "index": 0}
-            return {**found, "finishReason": finish} if finish else found
+        def candidate(parts: list[dict[str, Any]], finish: str | None = None) -> dict[str, Any]:
+            found: dict[str, Any] = {"content": {"parts": parts, "role": "model"}, "index": 0}
+            if finish:
+                found.update(finishReason=finish, safetyRatings=safety)
+                if "citations" in modes:
+                    source = {"startIndex": 0, "endIndex": min(len(answer), 40), "uri": "https://example.com/source"}
+                    found["citationMetadata"] = {"citationSources": [source]}
+            return found
 
+        call: dict[str, Any] = {"functionCall": {"name": tool, "args": {"query": "x"}}}
         if not path.endswith(":streamGenerateContent"):
-            body = {"candidates": [candidate(answer, "STOP")], "usageMetadata": usage, **base}
+            parts: list[dict[str, Any]] = [call] if tool else [{"text": answer}]
+            if show_thoughts:
+                parts.insert(0, thought_part)
+            body = {"candidates": [candidate(parts, "STOP")], "usageMetadata": usage, **base}
             return self._send_json(200, body, headers, cut="cut-stream" in modes)
         pieces = _pieces(answer)
         running = {"promptTokenCount": tokens[0], "totalTokenCount": tokens[0]}
-        events = [_sse(None, {"candidates": [candidate(p)], "usageMetadata": running, **base}) for p in pieces[:-1]] + [
-            _sse(None, {"candidates": [candidate(pieces[-1], "STOP")], "usageMetadata": usage, **base})
+        texts: list[list[dict[str, Any]]] = [[{"text": p}] for p in pieces] if not tool else [[call]]
+        if show_thoughts:
+            texts.insert(0, [thought_part])
+        events = [_sse(None, {"candidates": [candidate(p)], "usageMetadata": running, **base}) for p in texts[:-1]] + [
+            _sse(None, {"candidates": [candidate(texts[-1], "STOP")], "usageMetadata": usage, **base})
         ]
         error = _sse(None, {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}})
         if "no-terminator" in modes:  # Gemini has no terminator: the closest failure is a cut
             modes = {*modes, "cut-stream"}
-        self._send_stream(*_cut(events, error, modes), headers)
+        # Gemini frames its events with CRLF.
+        self._send_stream(*_cut(events, error, modes), headers, modes, newline=b"\r\n")
 
     # -- response writing ----------------------------------------------------------------------
 
@@ -445,8 +710,12 @@ class _Handler(BaseHTTPRequestHandler):
             extra = {"x-request-id": f"req_{uuid.uuid4().hex[:24]}"}
         self._send_json(status, obj, {**extra, "x-should-retry": "false"})
 
-    def _send_stream(self, events: list[bytes], hang_up: bool, extra: dict[str, str]) -> None:
-        self._start(200, "text/event-stream; charset=utf-8", extra, None)
+    def _send_stream(
+        self, events: list[bytes], hang_up: bool, extra: dict[str, str], modes: set[str], newline: bytes = b"\n"
+    ) -> None:
+        events = _frame(events, modes, newline)
+        content_type = "application/json" if "sse-as-json" in modes else "text/event-stream; charset=utf-8"
+        self._start(200, content_type, extra, None)
         gz = zlib.compressobj(wbits=31) if self._gzip else None
         delay = self.server.provider.chunk_delay
         for i, event in enumerate(events):
