@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
+import openai
 import pytest
 from provider_sdk_calls import GEMINI_KEY, PROVIDER_SDKS, QUESTION, call
 
+import metrion_fixture
 from metrion_fixture import cache_key
 from metrion_fixture.core.entry import Entry
 from metrion_fixture.formats import wire_format_for
@@ -171,3 +175,25 @@ def test_mistral_replays_carry_the_content_type_its_sdk_checks(provider, memory_
     assert [r.status for r in memory_session.calls] == ["MISS", "HIT", "HIT"] and provider.call_count == 1
     assert first.text == same_mode.text == other_mode.text
     assert first.usage == same_mode.usage == other_mode.usage
+
+
+def test_a_stored_responses_prompt_template_enters_the_key(provider, memory_session):
+    """Two calls that differ only in the stored prompt's variables (or version) are two answers, never one."""
+    lisbon = {"id": "pmpt_68e1f5a0b7c48190", "version": "3", "variables": {"city": "Lisbon"}}
+    call("responses", provider.url, prompt=lisbon)
+    call("responses", provider.url, prompt={**lisbon, "variables": {"city": "Porto"}})
+    call("responses", provider.url, prompt={**lisbon, "version": "4"})
+    assert [r.status for r in memory_session.calls] == ["MISS", "MISS", "MISS"]
+    call("responses", provider.url, prompt=lisbon)
+    assert memory_session.calls[-1].status == "HIT" and provider.call_count == 3
+
+
+def test_replay_refuses_a_request_it_cannot_key_instead_of_sending_it(provider):
+    """A background Responses call cannot be answered from the cache: in replay it is refused, naming why."""
+    with metrion_fixture.cache(f"memory://{uuid.uuid4().hex}", mode="replay") as session:
+        with pytest.raises(openai.BadRequestError) as raised:
+            call("responses", provider.url, background=True)
+        assert "background" in str(raised.value) and "x-metrion-cache: false" in str(raised.value)
+        assert provider.call_count == 0
+        call("responses", provider.url, background=True, headers={"x-metrion-cache": "false"})
+        assert provider.call_count == 1 and [r.status for r in session.calls] == ["ERROR", "BYPASS"]

@@ -210,7 +210,17 @@ def _plan(
         prompt = None
     strip = (MODE_HEADER, TTL_HEADER)
     if prompt is None:
-        return Plan(outcome=BYPASS, wire_format=wire_format, strip=strip)
+        bypass = Plan(outcome=BYPASS, wire_format=wire_format, strip=strip)
+        if settings.mode != "replay":
+            return bypass
+        # Replay: nothing sent to an LLM endpoint reaches the network unless the request says so itself.
+        try:
+            header_mode = parse_header_mode(mode_value)
+        except DirectiveError as error:
+            return _with(bypass, outcome=ERROR, error=error_reply(bypass, 400, str(error), "invalid"))
+        if header_mode == "false":
+            return bypass
+        return _with(bypass, outcome=ERROR, error=unkeyable_reply(bypass, _unkeyable_reason(wire_format, path, body)))
 
     base = _located(
         settings,
@@ -330,6 +340,27 @@ def replay_miss_reply(plan: Plan) -> Reply:
         "provider key to record it",
         "replay_miss",
     )
+
+
+def unkeyable_reply(plan: Plan, reason: str) -> Reply:
+    return error_reply(
+        plan,
+        REPLAY_REFUSAL_STATUS,
+        f"metrion cache: this request cannot be keyed ({reason}), so it cannot be answered from the cache, "
+        "and the cache is in replay mode, so the provider was not called; send it with the header "
+        f"'{MODE_HEADER}: false' to let it reach the provider",
+        "replay_miss",
+    )
+
+
+def _unkeyable_reason(wire_format: WireFormat, path: str, body: bytes | None) -> str:
+    try:
+        parsed = json.loads(body or b"")
+    except RecursionError:
+        return "its body nests deeper than the JSON parser reads"
+    except ValueError:
+        return "its body is not JSON"
+    return wire_format.unkeyable_reason(path, parsed) or "it holds nothing the cache can key"
 
 
 def store_down_reply(plan: Plan, error: BaseException) -> Reply:

@@ -35,7 +35,11 @@ class AnthropicMessages(WireFormat):
         found = chat_prompt(body, body.get("system") if isinstance(body, dict) else None)
         if found is None:
             return None
-        return Prompt(found[0], found[1], body.get("stream") is True)
+        messages = found[1]
+        # A code-execution container kept on Anthropic's side (its files) changes the right answer.
+        if body.get("container") is not None:
+            messages = [{"role": "container", "content": body["container"]}, *messages]
+        return Prompt(found[0], messages, body.get("stream") is True)
 
     # message_delta carries the stop reason and the final usage: the answer is complete there.
     # litellm closes the response after it and never reads message_stop.

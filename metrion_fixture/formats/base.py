@@ -50,6 +50,10 @@ class WireFormat:
         """Model, messages and streaming of a parsed JSON body, or None if not cacheable."""
         raise NotImplementedError
 
+    def unkeyable_reason(self, path: str, body: Any) -> str:
+        """Why :meth:`prompt` finds nothing to key in a parsed body, for the replay refusal ("" if it does)."""
+        return chat_unkeyable_reason(body)
+
     def preview(self, prompt: Prompt) -> str:
         """The start of the last user message's text, on one line ("" if it has none): what ``ls`` shows."""
         return last_user_text(prompt.messages)
@@ -166,6 +170,20 @@ def _texts(content: Any) -> list[str]:
         elif isinstance(part, dict) and isinstance(part.get("text"), str):
             found.append(part["text"])
     return found
+
+
+def chat_unkeyable_reason(body: Any) -> str:
+    """Why a chat-shaped body (model and messages) cannot be keyed, or ""."""
+    if not isinstance(body, dict):
+        return "its body is not a JSON object"
+    model, messages = body.get("model"), body.get("messages")
+    if not isinstance(model, str) or not model:
+        return "it names no model"
+    if messages is None and "prompt" in body:
+        return "it sends a legacy `prompt` instead of `messages`"
+    if not isinstance(messages, list):
+        return "it has no list of messages"
+    return ""
 
 
 class ChunkWatcher:

@@ -62,6 +62,10 @@ class Gemini(WireFormat):
             return None
         system = body.get("systemInstruction", body.get("system_instruction"))
         messages = contents if system is None else [{"role": "system", "content": system}, *contents]
+        # A context cache on Google's side holds part of the prompt: which one changes the right answer.
+        cached = body.get("cachedContent", body.get("cached_content"))
+        if cached is not None:
+            messages = [{"role": "cached_content", "name": cached}, *messages]
         config = body.get("generationConfig", body.get("generation_config"))
         count = config.get("candidateCount", config.get("candidate_count")) if isinstance(config, dict) else None
         shape = {"candidates": count} if isinstance(count, int) and not isinstance(count, bool) and count > 1 else None
@@ -69,6 +73,13 @@ class Gemini(WireFormat):
 
     def preview(self, prompt: Prompt) -> str:
         return last_user_text(prompt.messages, ("user", None))  # a content without a role is the user's
+
+    def unkeyable_reason(self, path: str, body: Any) -> str:
+        if not isinstance(body, dict):
+            return "its body is not a JSON object"
+        if not isinstance(body.get("contents"), list):
+            return "it has no list of contents"
+        return ""
 
     def stream_event(self, event: str | None, data: str) -> str | None:
         return GeminiStreamWatcher(self).classify(event, data)

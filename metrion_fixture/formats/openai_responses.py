@@ -1,10 +1,11 @@
 """OpenAI Responses: ``POST .../responses``.
 
 The messages are ``input`` (a plain string is the user's one message) with
-``instructions`` first. Requests that continue server-side state
-(``previous_response_id``, ``conversation``) carry that state into the key as a
-first message, so such a request is only ever answered from an entry of the same
-conversation; ``background`` requests (answered later, by polling) are never cached.
+``instructions`` first. Requests that depend on server-side state
+(``previous_response_id``, ``conversation``, a stored ``prompt`` template with its
+version and variables) carry that state into the key as a first message, so such a
+request is only ever answered from an entry of the same state; ``background`` requests
+(answered later, by polling) are never cached.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .base import (
 from .openai_chat import openai_error_body
 
 _ENDS = frozenset({"response.completed", "response.incomplete"})
+_SERVER_STATE = ("previous_response_id", "conversation", "prompt")
 _ERRORS = frozenset({"error", "response.failed"})
 
 
@@ -38,24 +40,38 @@ class OpenAIResponses(WireFormat):
         return method == "POST" and path.rstrip("/").endswith("/responses")
 
     def prompt(self, path: str, body: Any) -> Prompt | None:
-        if not isinstance(body, dict) or body.get("background"):
+        if self.unkeyable_reason(path, body):
             return None
-        model, given = body.get("model"), body.get("input")
-        if not isinstance(model, str) or not model:
-            return None
+        given = body.get("input")
         if isinstance(given, str):
             messages: list[Any] = [{"role": "user", "content": given}]
-        elif isinstance(given, list):
-            messages = list(given)
         else:
-            return None
+            messages = list(given or [])  # a stored prompt template may be the whole input
         instructions = body.get("instructions")
         if instructions is not None:
             messages.insert(0, {"role": "system", "content": instructions})
-        state = {name: body[name] for name in ("previous_response_id", "conversation") if body.get(name) is not None}
+        # Everything on the server that changes which answer is right: the conversation so far,
+        # the stored prompt template (id, version, variables).
+        state = {name: body[name] for name in _SERVER_STATE if body.get(name) is not None}
         if state:
             messages.insert(0, {"role": "conversation_state", **state})
+        model = body.get("model")
+        model = model if isinstance(model, str) else ""  # a stored prompt template may name it instead
         return Prompt(model, messages, body.get("stream") is True)
+
+    def unkeyable_reason(self, path: str, body: Any) -> str:
+        if not isinstance(body, dict):
+            return "its body is not a JSON object"
+        if body.get("background"):
+            return "a background response is answered later, by polling, never in this request's answer"
+        model, given, template = body.get("model"), body.get("input"), body.get("prompt")
+        if not isinstance(template, dict) and (not isinstance(model, str) or not model):
+            return "it names no model"
+        if given is None and not isinstance(template, dict):
+            return "it has no input and no stored prompt template"
+        if given is not None and not isinstance(given, (str, list)):
+            return "its input is neither text nor a list of items"
+        return ""
 
     def stream_event(self, event: str | None, data: str) -> str | None:
         if event is None:  # the event name is optional in SSE; the payload repeats it as "type"
