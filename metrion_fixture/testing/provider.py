@@ -15,7 +15,7 @@ Other answers and failure modes are chosen per request with the ``x-simulate`` h
 (comma-separated, e.g. ``gzip, cut-stream``):
 
 - failures: ``status-500``, ``status-429``, ``status-400``, ``cut-stream``, ``error-event``,
-  ``no-terminator``, ``big``;
+  ``no-terminator``, ``big``, ``error-200`` (an error body with status 200, as some gateways send);
 - answers: ``tool-call`` (a call of the first tool the request offers), ``citations``, ``refusal``
   (OpenAI), ``reasoning`` (OpenRouter's ``reasoning`` / ``reasoning_details``, or DeepSeek's
   ``reasoning_content`` for ``deepseek`` models);
@@ -275,6 +275,8 @@ class _Handler(BaseHTTPRequestHandler):
         for status in (500, 429, 400):
             if f"status-{status}" in modes:
                 return self._send_error(status, kind, _ERRORS[status][2])
+        if "error-200" in modes:  # OpenAI-compatible gateways answer an upstream failure so
+            return self._send_error(500, kind, "Upstream provider error.", sent_status=200)
         question, prompt = _question_and_prompt(kind, parsed)
         answer = make_answer(question, big="big" in modes)
         tokens = (_count_words(prompt), len(answer.split()))
@@ -697,7 +699,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._hang_up()
         self.wfile.write(data)
 
-    def _send_error(self, status: int, kind: str, message: str) -> None:
+    def _send_error(self, status: int, kind: str, message: str, *, sent_status: int | None = None) -> None:
         anthropic_type, openai_type, _ = _ERRORS[status]
         if kind == "gemini":
             obj: dict[str, Any] = {"error": {"code": status, "message": message, "status": _GEMINI_STATUS[status]}}
@@ -708,7 +710,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             obj = {"error": {"message": message, "type": openai_type, "param": None, "code": None}}
             extra = {"x-request-id": f"req_{uuid.uuid4().hex[:24]}"}
-        self._send_json(status, obj, {**extra, "x-should-retry": "false"})
+        self._send_json(sent_status or status, obj, {**extra, "x-should-retry": "false"})
 
     def _send_stream(
         self, events: list[bytes], hang_up: bool, extra: dict[str, str], modes: set[str], newline: bytes = b"\n"
