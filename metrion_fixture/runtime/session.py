@@ -135,7 +135,13 @@ class CacheSession:
         return other
 
     def flush_ledger(self) -> int:
-        """Write the calls not yet in the store's ledger (done when a ``cache()`` block ends and at exit)."""
+        """Write the calls not yet in the store's ledger now; return how many were written.
+
+        Also done when a ``cache()`` block ends and at exit. On a thread that runs an event loop
+        (a notebook cell, async code) the write can wait seconds on the store, so it is handed
+        to the ledger's own thread and this returns 0 at once: the records reach the store
+        shortly after, not before this returns.
+        """
         return self.ledger.sink.flush() if self.ledger.sink is not None else 0
 
     def clear(self) -> int:
