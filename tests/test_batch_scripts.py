@@ -16,16 +16,24 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+# Imported before any pytester run, as in test_pytest_plugin: modules first imported during an
+# in-process run are dropped when its test ends.
+import httpcore  # noqa: F401
+import httpcore2  # noqa: F401
 import openai
 import pytest
 from sdk_calls import call
 
 import metrion_fixture
+import metrion_fixture.api  # noqa: F401
+import metrion_fixture.transports.httpx  # noqa: F401
+import metrion_fixture.transports.httpx2  # noqa: F401
 from metrion_fixture.core.stats import Stats
 from metrion_fixture.reporting.reports import duration
 from metrion_fixture.reporting.run_summary import summary_line
 from metrion_fixture.runtime.activation import enabled_session
 
+pytest_plugins = ["pytester"]
 ROOT = Path(__file__).parent.parent
 TESTS = Path(__file__).parent
 SUMMARY = re.compile(
@@ -260,4 +268,33 @@ def test_with_8_threads_provider_time_saved_overstates_the_wall_clock_gain(provi
     line = summary_line(session.stats, session.wall_seconds)
     assert (
         f"provider time saved {duration(saved)} (summed over calls, which overlap when concurrent), wall time " in line
+    )
+
+
+# -- the pytest summary prints the run's wall time beside the provider time saved ---------------------------
+
+
+def test_the_pytest_summary_shows_the_wall_time_beside_the_provider_time_saved(pytester, provider, monkeypatch):
+    monkeypatch.setenv("PROVIDER_URL", provider.url)
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(
+        """
+        import os
+
+        import openai
+
+
+        def test_twice(metrion_cache):
+            client = openai.OpenAI(base_url=os.environ["PROVIDER_URL"] + "/v1", api_key="sk-test", max_retries=0)
+            for _ in range(2):
+                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])
+        """
+    )
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", f"--metrion-cache-url=memory://{uuid.uuid4().hex}")
+    result.assert_outcomes(passed=1)
+    result.stdout.re_match_lines(
+        [
+            r"^1 test used the cache: 2 requests: 1 hit, 1 miss, 0 refreshes, 0 errors; provider time saved "
+            r"\d+\.\d\d s \(summed over calls\), wall time \d+\.\d s$"
+        ]
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,12 @@ def tokens(count: int) -> str:
     from ..reporting.reports import tokens
 
     return tokens(count)
+
+
+def duration(seconds: float) -> str:
+    from ..reporting.reports import duration
+
+    return duration(seconds)
 
 
 # --- options ------------------------------------------------------------------------------------
@@ -164,6 +171,7 @@ class _State:
 
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
+        self.started = time.monotonic()  # the run's wall time, printed beside the provider time saved
         self.layers = _run_layers(config)
         try:
             self.base = resolve(*self.layers)
@@ -570,7 +578,12 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if state is None or getattr(config, "workeroutput", None) is not None or not state.totals["tests"]:
         return
     terminalreporter.write_sep("-", "metrion cache")
-    lines = summary_lines(state.totals, verbose=config.get_verbosity() > 0, require_store=state.require_store)
+    lines = summary_lines(
+        state.totals,
+        verbose=config.get_verbosity() > 0,
+        require_store=state.require_store,
+        wall_seconds=time.monotonic() - state.started,
+    )
     for line in lines:
         terminalreporter.write_line(line)
 
@@ -584,7 +597,9 @@ def _tokens_line(totals: dict[str, Any]) -> str:
     )
 
 
-def summary_lines(totals: dict[str, Any], *, verbose: bool, require_store: bool = False) -> list[str]:
+def summary_lines(
+    totals: dict[str, Any], *, verbose: bool, require_store: bool = False, wall_seconds: float | None = None
+) -> list[str]:
     requests = sum(totals[name] for name in ("hits", "misses", "refreshes", "bypassed", "errors"))
     parts = [
         plural(totals["hits"], "hit"),
@@ -598,6 +613,8 @@ def summary_lines(totals: dict[str, Any], *, verbose: bool, require_store: bool 
         (
             f"{plural(totals['tests'], 'test')} used the cache: {plural(requests, 'request')}: {', '.join(parts)}; "
             f"provider time saved {totals['saved_seconds']:.2f} s"
+            # A sum over calls: with tests on several workers it can exceed the time the run saved.
+            + (f" (summed over calls), wall time {duration(wall_seconds)}" if wall_seconds is not None else "")
         ),
         _tokens_line(totals),
         f"store: {', '.join(totals['urls'])}",
