@@ -408,13 +408,12 @@ def test_show_prints_a_grok_answer_as_json_not_protobuf_bytes(memory_session, fa
         == 0
     )
     (shown,) = json.loads(capsys.readouterr().out)
-    if stream:  # one JSON document per chunk, one per line
-        pieces = [json.loads(line)["outputs"][0]["delta"]["content"] for line in shown["answer"].splitlines()]
-        assert pieces == WORDS
+    assert shown["text"] == "".join(WORDS)
+    if stream:  # one JSON document per chunk
+        assert [chunk["outputs"][0]["delta"]["content"] for chunk in shown["answer"]] == WORDS
     else:
-        answer = json.loads(shown["answer"])
-        assert answer["outputs"][0]["message"]["content"] == "".join(WORDS)
-        assert answer["usage"]["promptTokens"] == 12
+        assert shown["answer"]["outputs"][0]["message"]["content"] == "".join(WORDS)
+        assert shown["answer"]["usage"]["promptTokens"] == 12
 
 
 # -- single flight -----------------------------------------------------------------------------
