@@ -260,3 +260,23 @@ def test_a_giant_unterminated_stream_over_the_size_cap_is_passed_on_not_stored()
     with client, client.stream("POST", ROUTES["anthropic"], json={**GOOD, "stream": True}) as response:
         assert b"".join(response.iter_raw()) == b"".join(chunks)
     assert stored_values(session) == [] and response.headers["x-metrion-cache"] == "MISS"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        {"error": {"message": "Provider returned error", "code": 502, "metadata": {"provider_name": "Groq"}}},
+        {"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "param": None, "code": 400},
+    ],
+    ids=["openrouter", "vllm"],
+)
+def test_a_gateways_200_error_object_is_passed_on_and_never_stored(error):
+    """OpenAI-compatible gateways answer some failures with a 200 and an error object: never an answer to replay."""
+    provider = Provider(lambda request: httpx2.Response(200, json=error))
+    client, session = client_for(provider)
+    with client:
+        first = client.post(ROUTES["openai"], json=GOOD)
+        second = client.post(ROUTES["openai"], json=GOOD)
+    assert first.json() == error and second.json() == error
+    assert [first.headers["x-metrion-cache"], second.headers["x-metrion-cache"]] == ["MISS", "MISS"]
+    assert stored_values(session) == [] and len(provider.received) == 2

@@ -112,8 +112,16 @@ class WireFormat:
         return StreamWatcher(self)
 
     def storable_body(self, body: bytes) -> bool:
-        """Whether a non-streamed answer is a whole answer, worth storing (not truncated, not a gateway's HTML)."""
-        return is_json_object(body)
+        """Whether a non-streamed answer is a whole answer, worth storing.
+
+        Not truncated, not a gateway's HTML, and not an error object sent with a 200 (OpenAI-compatible
+        gateways do: ``{"error": {...}}``, ``{"object": "error", ...}``), which inside a stream is refused too.
+        """
+        try:
+            parsed = json.loads(body)
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(parsed, dict) and not is_error_object(parsed)
 
     def is_stream_answer(self, requested_stream: bool, headers: list[tuple[str, str]]) -> bool:
         """Whether the provider's answer is a stream, to pass on chunk by chunk while it is recorded."""
@@ -327,6 +335,16 @@ def json_object(data: bytes | str) -> dict[str, Any]:
     return parsed
 
 
+def is_error_object(answer: dict[str, Any]) -> bool:
+    """Whether a parsed answer is an error in any provider's shape rather than an answer.
+
+    ``{"error": {...}}`` or ``{"error": "..."}`` (OpenAI and its compatibles, Gemini; a successful
+    Responses answer has ``"error": null``), ``{"object": "error", ...}`` (vLLM, Mistral),
+    ``{"type": "error", "error": {...}}`` (Anthropic).
+    """
+    return bool(answer.get("error")) or answer.get("object") == "error" or answer.get("type") == "error"
+
+
 def is_json_object(body: bytes) -> bool:
     """Whether a body parses as one JSON object."""
     try:
@@ -364,4 +382,4 @@ def json_error_field(data: str) -> bool:
         parsed = json.loads(data)
     except ValueError:
         return False
-    return isinstance(parsed, dict) and bool(parsed.get("error"))
+    return isinstance(parsed, dict) and is_error_object(parsed)

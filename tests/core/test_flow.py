@@ -868,6 +868,59 @@ def test_a_200_answer_that_is_not_a_whole_json_object_is_passed_on_but_not_store
     assert (rebuilt.record.status, rebuilt.record.input_tokens) == (MISS, None)
 
 
+ERROR_BODIES_WITH_200 = {
+    # OpenRouter: the upstream provider failed, the gateway still answers 200.
+    "openrouter": (
+        OPENAI_CHAT,
+        {"error": {"message": "Provider returned error", "code": 502, "metadata": {"provider_name": "Groq"}}},
+    ),
+    # vLLM and Mistral: an error as an object of type "error".
+    "vllm": (
+        OPENAI_CHAT,
+        {
+            "object": "error",
+            "message": "max_tokens is too large",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
+    ),
+    "plain-string": (OPENAI_CHAT, {"error": "upstream timed out"}),
+    "anthropic-shape": (
+        ANTHROPIC,
+        {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+    ),
+    "gemini-shape": (
+        GEMINI,
+        {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_BODIES_WITH_200))
+def test_a_200_answer_whose_body_is_an_error_object_is_passed_on_but_not_stored(name):
+    # As inside a stream, where the same error object makes the stream not storable.
+    case, error = ERROR_BODIES_WITH_200[name]
+    body = json.dumps(error).encode()
+    core = make_core()
+    req = Req(case)
+    result = run(req.flow(core), *cold(req), (Forward, upstream(False)), (ReadBody, body), (Release, None))
+    rebuilt = result.outcome
+    assert isinstance(rebuilt, Rebuilt) and Write not in result.types()
+    assert (rebuilt.status, rebuilt.body) == (200, body)
+
+
+def test_a_responses_answer_with_error_null_is_stored():
+    case = CASES["openai_responses"]
+    body = json.dumps({**case.json_answer, "error": None, "incomplete_details": None}).encode()
+    core = make_core()
+    req = Req(case)
+    result = run(
+        req.flow(core), *cold(req), (Forward, upstream(False)), (ReadBody, body), (Write, True), (Release, None)
+    )
+    assert Write in result.types()
+
+
 def test_an_answer_over_max_entry_bytes_is_passed_on_but_not_stored():
     body = ANTHROPIC.answer_bytes()
     for cap, written in ((len(body) - 1, False), (len(body), True)):
