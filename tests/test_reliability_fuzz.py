@@ -266,7 +266,13 @@ def test_a_giant_unterminated_stream_over_the_size_cap_is_passed_on_not_stored()
     "error",
     [
         {"error": {"message": "Provider returned error", "code": 502, "metadata": {"provider_name": "Groq"}}},
-        {"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "param": None, "code": 400},
+        {
+            "object": "error",
+            "message": "max_tokens is too large",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        },
     ],
     ids=["openrouter", "vllm"],
 )
