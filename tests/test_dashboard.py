@@ -31,7 +31,7 @@ from metrion_fixture.cli import main
 from metrion_fixture.integrations.dashboard import DashboardApp
 from metrion_fixture.integrations.server import ProxyApp
 from metrion_fixture.reporting.reports import dollars, duration, tokens
-from metrion_fixture.runtime.ledger import PREFIX, read_records
+from metrion_fixture.runtime.ledger import PREFIX, read_records, trim
 from metrion_fixture.stores import open_store
 from metrion_fixture.testing.provider import make_answer
 
@@ -363,6 +363,34 @@ def test_the_dashboard_command_refuses_an_open_address_without_a_token(url, caps
     open_store(url).set("probe", b"1", 60)  # the store exists: the refusal is about the address
     assert main(["dashboard", "--url", url, "--host", "0.0.0.0"]) == 2
     assert "refusing to listen on 0.0.0.0 without a token" in capsys.readouterr().err
+
+
+def test_a_refresh_reads_only_the_new_ledger_batches(url, monkeypatch):
+    """The dashboard keeps the batches it parsed: a refresh reads new ones only, and forgets trimmed ones."""
+    from metrion_fixture.reporting import dashboard as figures
+
+    monkeypatch.setattr(figures, "_SETTLED_SECONDS", 0.0)  # every written batch is settled at once
+    reads: list[str] = []
+    real = figures.read_batch
+    monkeypatch.setattr(figures, "read_batch", lambda store, key: reads.append(key) or real(store, key))
+    store, cache = open_store(url), figures.BatchCache()
+
+    def requests_seen(period: str = "all") -> int:
+        return figures.savings(store, period, batches=cache)["totals"]["requests"]
+
+    write_ledger(url, "a", [earlier_call(1, "HIT")])
+    assert (requests_seen(), len(reads)) == (1, 1)
+    assert (requests_seen(), len(reads)) == (1, 1), "the second look reads nothing"
+    write_ledger(url, "a", [earlier_call(2, "MISS"), earlier_call(0.5, "HIT")])
+    assert (requests_seen(), len(reads)) == (3, 2)
+    # A batch written ten days ago holds only older calls: a 7-day look does not even read it.
+    old = time.time_ns() - 10 * DAY * 10**9
+    lines = json.dumps(earlier_call(10.5, "MISS")).encode()
+    store.set(f"{PREFIX}a:{old:020d}-0-{uuid.uuid4().hex[:8]}", lines, 30 * DAY)
+    assert (requests_seen("7d"), len(reads)) == (3, 2)
+    assert (requests_seen(), len(reads)) == (4, 3)
+    trim(store, "a", keep=1)
+    assert requests_seen() == 2, "trimmed batches are forgotten"
 
 
 # -- the HTML report -------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ class DashboardApp:
         self.token = token.encode() if isinstance(token, str) else token or None
         # A process that makes calls itself (serve) shows them before its ledger batch is written.
         self.unwritten = unwritten
+        self.batches = dashboard.BatchCache()
 
     @property
     def store(self) -> Store:
@@ -123,12 +124,13 @@ class DashboardApp:
 
     def _savings(self, query: dict[str, str]) -> dict[str, Any]:
         period, namespace = query.get("period") or "7d", query.get("namespace") or None
-        return dashboard.savings(self.store, period, namespace, unwritten=self.unwritten)
+        return dashboard.savings(self.store, period, namespace, unwritten=self.unwritten, batches=self.batches)
 
     def _logs(self, query: dict[str, str]) -> dict[str, Any]:
         limit = int(query.get("limit") or dashboard.DEFAULT_LOG_LIMIT)
         store = self.store
-        listed = dashboard.logs(store, dashboard.parse_filters(query), limit, unwritten=self.unwritten)
+        filters = dashboard.parse_filters(query)
+        listed = dashboard.logs(store, filters, limit, unwritten=self.unwritten, batches=self.batches)
         return {**listed, "store": mask_password(store.url)}
 
     def _call(self, query: dict[str, str]) -> dict[str, Any]:
