@@ -139,7 +139,7 @@ class CacheReport:
             parts.append(f"{format_seconds(self.saved_seconds)} of provider time saved{cell}")
         if self.saved_tokens:
             dollars = f" ({money(self.saved_usd)})" if self.saved_usd else ""
-            parts.append(f"{self.saved_tokens:,} tokens saved{dollars}")
+            parts.append(f"{plural(self.saved_tokens, 'token')} saved{dollars}")
         return parts
 
     def _named(self) -> list[str]:
@@ -517,7 +517,7 @@ class MetrionCacheMagics(Magics):
         )
         saved_tokens = stats.saved_input_tokens + stats.saved_output_tokens
         if saved_tokens:
-            line += f", {saved_tokens:,} tokens" + (f" ({money(stats.saved_usd)})" if stats.saved_usd else "")
+            line += f", {plural(saved_tokens, 'token')}" + (f" ({money(stats.saved_usd)})" if stats.saved_usd else "")
         if stats.store_errors:
             line += f"\n  store errors {stats.store_errors} (those calls went to the provider uncached)"
         return line

@@ -23,7 +23,7 @@ from ..errors import MetrionCacheError
 from ..runtime.ledger import PREFIX as LEDGER_PREFIX
 from ..runtime.ledger import batch_written_at, read_batch, read_records
 from ..stores.base import Store
-from .reports import StoredEntry, Totals, answer_text, dollars, duration, entries, summarize, tokens
+from .reports import StoredEntry, Totals, answer_text, dollars, duration, entries, plural, summarize, tokens
 
 __all__ = [
     "BatchCache",
@@ -244,7 +244,7 @@ def _row(record: Mapping[str, Any]) -> dict[str, Any]:
         "saved_seconds": record.get("saved_seconds") or 0.0,
         "saved_usd_text": dollars(saved_usd, 0 if saved_usd is not None else 1) if cached else "",
         "saved_more_text": (
-            f"{tokens(saved_tokens)} tokens · {duration(record.get('saved_seconds') or 0.0)}" if cached else ""
+            f"{plural(saved_tokens, 'token')} · {duration(record.get('saved_seconds') or 0.0)}" if cached else ""
         ),
         "key": _chosen(record, "key"),
     }

@@ -63,7 +63,7 @@ def summary_line(stats: Stats, wall_seconds: float) -> str:
     the wall time is printed beside it.
     """
     # Not at import: the pytest plugin imports this module at every start-up (tests/test_startup.py).
-    from .reports import duration, money, plural, tokens
+    from .reports import duration, money, plural
 
     if not stats.requests:
         return f"metrion cache: no LLM calls reached the cache (wall time {duration(wall_seconds)})"
@@ -75,7 +75,7 @@ def summary_line(stats: Stats, wall_seconds: float) -> str:
     saved_tokens = stats.saved_input_tokens + stats.saved_output_tokens
     if saved_tokens:
         price = f" ({money(stats.saved_usd)})" if stats.saved_usd else " (no price for their model)"
-        parts.append(f"saved {tokens(saved_tokens)} tokens{price}")
+        parts.append(f"saved {plural(saved_tokens, 'token')}{price}")
     parts.append(
         f"provider time saved {duration(stats.saved_seconds)} (summed over calls, which overlap when "
         f"concurrent), wall time {duration(wall_seconds)}"
