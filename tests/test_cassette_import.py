@@ -32,6 +32,7 @@ import vcr.stubs.httpx_stubs
 from recorded_calls import send
 
 import metrion_fixture
+import metrion_fixture.api  # not imported by the package itself: loaded here, before pytester runs
 import metrion_fixture.stores.sqlite
 import metrion_fixture.transports.httpx
 import metrion_fixture.transports.httpx2  # noqa: F401
@@ -411,3 +412,68 @@ def test_cli_reports_collisions_formats_and_counts_entries(tmp_path, capsys):
     assert "ns:anthropic_messages:json:" in line
     assert "test_trip_planner.yaml" in line and "test_thinking_and_citations.yaml" in line
     assert "Anthropic Messages, OpenAI Chat Completions, OpenAI Responses, Gemini generateContent" in out
+
+
+CASSETTER = """\
+version: 1
+interactions:
+- request:
+    method: POST
+    uri: https://api.openai.com/v1/chat/completions
+    headers:
+      content-type:
+      - application/json
+    body:
+      type: json
+      content:
+        messages:
+        - content: What is the capital of France?
+          role: user
+        model: gpt-4o
+        stream: false
+  response:
+    status: 200
+    headers:
+      content-type:
+      - application/json
+    body:
+      type: json
+      content:
+        choices:
+        - finish_reason: stop
+          index: 0
+          logprobs: null
+          message:
+            annotations: []
+            content: The capital of France is Paris.
+            refusal: null
+            role: assistant
+        created: 1744043456
+        id: chatcmpl-BJjf61mLb9z5H45ClJzbx0UWKwjo1
+        model: gpt-4o-2024-08-06
+        object: chat.completion
+        usage:
+          completion_tokens: 8
+          prompt_tokens: 24
+          total_tokens: 32
+  recorded_at: 2026-03-06T19:22:51.849479+00:00
+"""
+
+
+def test_cassetter_recordings_of_pydantic_ai_are_imported(tmp_path):
+    """pydantic-ai now records with cassetter: a body is {type: json, content: ...} and the status a bare code."""
+    path = tmp_path / "test_openai_instructions.yaml"
+    path.write_text(CASSETTER)
+    store = f"memory://{uuid.uuid4().hex}"
+    report = import_cassettes([path], url=store, namespace="ns")
+    assert (report.unreadable, report.skipped, report.imported) == ([], [], 1)
+    key = cache_key("gpt-4o", [{"content": "What is the capital of France?", "role": "user"}])
+    assert open_store(store).keys("ns:") == [f"ns:openai_chat:json:{key}"]
+
+    path.write_text(
+        CASSETTER.replace(
+            "type: json\n      content:\n        choices", "type: binary\n      content:\n        choices"
+        )
+    )
+    [(_, why)] = import_cassettes([path], url=store).unreadable
+    assert "a response body of type 'binary'" in why

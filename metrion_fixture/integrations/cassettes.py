@@ -5,7 +5,8 @@ The layouts read (each learnt from the library that writes it):
 - vcrpy's YAML and JSON cassettes (``interactions``, each a ``request`` and a
   ``response``), which pytest-recording writes too, one file per test;
 - pydantic-ai's JSON-body serializer: the same, with a JSON body kept parsed under
-  ``parsed_body`` instead of ``body``;
+  ``parsed_body`` instead of ``body`` (and cassetter's, which pydantic-ai records with now:
+  ``body: {type: json, content: ...}`` and a bare ``status`` code);
 - langchain's ``*.yaml.gz``: gzip-compressed YAML with top-level ``requests`` and
   ``responses`` lists, bodies as YAML binaries.
 
@@ -173,12 +174,28 @@ def _vcr_shape(data: Any) -> dict[str, Any]:
     for interaction in interactions:
         for kind in ("request", "response"):
             part = interaction.get(kind)
-            if isinstance(part, dict) and "parsed_body" in part:
+            if not isinstance(part, dict):
+                continue
+            if "parsed_body" in part:
                 # pydantic-ai's serializer keeps a JSON body parsed; vcrpy wants it back as text.
-                body = json.dumps(part.pop("parsed_body"))
-                part["body"] = {"string": body} if kind == "response" else body
-            if kind == "request" and isinstance(part, dict):
-                part.setdefault("body", None)
+                part["body"] = json.dumps(part.pop("parsed_body"))
+            body = part.get("body")
+            if kind == "response" and isinstance(body, dict) and "string" in body:
+                body = body["string"]
+            if isinstance(body, dict) and "type" in body and "content" in body:
+                # cassetter (pydantic-ai's newer recordings): {type: json, content: <parsed>} or text.
+                if body["type"] == "json":
+                    body = json.dumps(body["content"])
+                elif isinstance(body["content"], str):
+                    body = body["content"]
+                else:
+                    raise _unreadable(f"a {kind} body of type {body['type']!r}, which is not JSON or text")
+            if kind == "request":
+                part["body"] = body
+            else:
+                part["body"] = {"string": body}
+                if isinstance(part.get("status"), int):  # cassetter writes the bare code
+                    part["status"] = {"code": part["status"], "message": ""}
     return {"version": 1, "interactions": interactions}
 
 
@@ -248,9 +265,12 @@ def import_interaction(session: CacheSession, request: Any, response: dict[str, 
     if encoding and encoding.strip().lower() != "identity":
         return f"the recorded body is compressed with {encoding!r}, which vcrpy could not decode here"
 
+    try:
+        request_body = _request_body(request)
+    except TypeError as error:
+        return f"the recorded request body is not in a shape vcrpy writes ({error})"
     stats = session.stats
     requests_before, store_errors_before = stats.requests, stats.store_errors
-    request_body = _request_body(request)
     stored = import_recorded(
         session, str(request.method).upper(), request.path, request.headers, request_body, status, headers, body
     )
