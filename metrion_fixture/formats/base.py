@@ -124,11 +124,17 @@ class WireFormat:
         return isinstance(parsed, dict) and not is_error_object(parsed)
 
     def is_stream_answer(self, requested_stream: bool, headers: list[tuple[str, str]]) -> bool:
-        """Whether the provider's answer is a stream, to pass on chunk by chunk while it is recorded."""
-        return any(
-            name.lower() == "content-type" and value.split(";")[0].strip().lower() == "text/event-stream"
-            for name, value in headers
-        )
+        """Whether the provider's answer is a stream, to pass on chunk by chunk while it is recorded.
+
+        An event stream says so, and so does the answer to a streamed request whatever its label:
+        gateways send event streams as ``application/json`` (or ``text/plain``, or unlabelled). Were
+        it a JSON body after all, it still reaches the caller byte for byte, and is not stored (no
+        event in it brings the final state), as a JSON body never answers a streamed request.
+        """
+        kinds = [value.split(";")[0].strip().lower() for name, value in headers if name.lower() == "content-type"]
+        if "text/event-stream" in kinds:
+            return True
+        return requested_stream and all(kind in _STREAM_LABELS for kind in kinds)
 
     # Whether answers of this format can be converted between streamed and not (see below):
     # a format that cannot is not looked up in the other mode.
@@ -178,6 +184,10 @@ def _texts(content: Any) -> list[str]:
         elif isinstance(part, dict) and isinstance(part.get("text"), str):
             found.append(part["text"])
     return found
+
+
+# Content types seen on event streams besides their own (recordings of gateways and proxies).
+_STREAM_LABELS = frozenset({"application/json", "text/plain", "application/x-ndjson", ""})
 
 
 def chat_unkeyable_reason(body: Any) -> str:

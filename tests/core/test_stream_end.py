@@ -29,7 +29,7 @@ from corekit import (
 )
 
 from metrion_fixture.core.entry import Entry
-from metrion_fixture.core.flow import CacheCore, Forward, Lookup, ReadRequest, Release, StreamEnd, Tee, Write
+from metrion_fixture.core.flow import CacheCore, Forward, Lookup, ReadBody, ReadRequest, Release, StreamEnd, Tee, Write
 from metrion_fixture.core.records import HIT, MISS
 
 each_format = pytest.mark.parametrize("case", CASES.values(), ids=CASES)
@@ -261,3 +261,42 @@ def test_a_stored_stream_is_replayed_by_the_next_identical_request():
     assert (answer.record.status, answer.reply.stream) == (HIT, True)
     assert list(answer.reply.chunks) == chunks
     assert header(answer.reply.headers, "age") == "5"
+
+
+@pytest.mark.parametrize("label", ["application/json", "application/json; charset=utf-8", "text/plain", None])
+@each_format
+def test_a_stream_labelled_json_is_passed_on_as_a_stream_and_stored_when_complete(case, label):
+    # Seen in real recordings: a gateway labels the event stream application/json. Buffering it
+    # whole would give the caller every chunk at the end; it is a Tee like any stream.
+    core = make_core()
+    request = Req(case, True)
+    headers = [] if label is None else [("content-type", label)]
+    result = run(request.flow(core), *cold(request), (Forward, (200, headers)))
+    tee = result.outcome
+    assert isinstance(tee, Tee)
+    feed(tee, case.stream_answer)
+    end = core.end_stream(tee, reached_eof=True)
+    assert list(Entry.decode(end.write.value).chunks) == case.stream_answer
+
+
+def test_a_json_answer_to_a_streamed_request_is_passed_on_but_not_stored():
+    core = make_core()
+    request = Req(OPENAI_CHAT, True)
+    result = run(request.flow(core), *cold(request), (Forward, (200, [("content-type", "application/json")])))
+    tee = result.outcome
+    feed(tee, [OPENAI_CHAT.answer_bytes()])
+    assert core.end_stream(tee, reached_eof=True).write is None
+
+
+def test_a_non_streamed_request_answered_with_json_is_read_whole():
+    core = make_core()
+    request = Req(OPENAI_CHAT, False)
+    result = run(
+        request.flow(core),
+        *cold(request),
+        (Forward, (200, [("content-type", "application/json")])),
+        (ReadBody, OPENAI_CHAT.answer_bytes()),
+        (Write, True),
+        (Release, None),
+    )
+    assert Write in result.types()
