@@ -319,7 +319,6 @@ def test_imported_cassettes_replay_through_the_sdks_in_the_other_mode(imported_f
     assert len(cases) - len(missed) >= 0.95 * len(cases), f"missed {len(missed)} of {len(cases)}: {missed}"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: an event stream labelled application/json is not read as a stream")
 def test_stream_labelled_json_is_imported_and_replayed(imported_fixtures, provider):
     report, store, namespace = imported_fixtures
     assert [s for s in report.skipped if "not an LLM request" not in s.reason] == []

@@ -24,7 +24,6 @@ MODELS = {
     "responses": "gpt-5-mini",
     "gemini": "gemini-2.5-flash",
 }
-CONVERSION_BUG = "issue 12: conversions refuse unknown fields"
 
 
 def question_request(api: str, question: str, model: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -77,7 +76,6 @@ def test_framed_streams_are_stored_replayed_and_converted(api, quirk, provider, 
     assert all(make_answer(question) in text for text in said), said
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: an event stream labelled application/json is not read as a stream")
 @pytest.mark.parametrize("api", sorted(MODELS))
 def test_streams_labelled_json_are_stored_and_replayed(api, provider, memory_session):
     question = f"Is a stream labelled JSON still a stream for {api}?"
@@ -169,32 +167,14 @@ ANSWERS: list[tuple[str, str, dict[str, Any], str | None, str, str]] = [
     ("gemini function call", "gemini", {"tools": SEARCH_TOOL_GEMINI}, None, "tool-call", "search_faq"),
     ("gemini citations", "gemini", {}, None, "citations", ""),
 ]
-# What the other mode cannot give yet, until the core's conversions carry every field through.
-OTHER_MODE_BUGS: dict[tuple[str, bool], str] = {
-    ("anthropic citations", False): "citations",
-    ("openai annotations", False): "annotations",
-    ("openai logprobs", False): "logprobs",
-    ("openai logprobs", True): "logprobs",
-    ("openai audio", False): "audio",
-    ("openai audio", True): "audio",
-    ("deepseek reasoning_content", False): "reasoning_content",
-    ("deepseek reasoning_content", True): "reasoning_content",
-    ("openrouter reasoning", False): "reasoning, reasoning_details",
-    ("openrouter reasoning", True): "reasoning",
-}
 
 
 def _answer_cases() -> list[Any]:
     cases = []
     for label, api, extra, model, modes, says in ANSWERS:
         for stream in (False, True):
-            marks = []
-            if (label, stream) in OTHER_MODE_BUGS:
-                marks.append(
-                    pytest.mark.xfail(strict=True, reason=f"{CONVERSION_BUG} ({OTHER_MODE_BUGS[label, stream]})")
-                )
             mode = "stream" if stream else "json"
-            cases.append(pytest.param(api, extra, model, modes, says, stream, id=f"{label}-{mode}", marks=marks))
+            cases.append(pytest.param(api, extra, model, modes, says, stream, id=f"{label}-{mode}"))
     return cases
 
 
@@ -218,7 +198,6 @@ ERROR_PATHS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: an error body in a 200 answer is stored and replayed")
 @pytest.mark.parametrize("api", sorted(MODELS))
 def test_an_error_body_in_a_200_is_never_stored(api, provider, memory_session):
     """A gateway's 200 carrying an error object is passed on, never stored: the next call asks the provider again."""
