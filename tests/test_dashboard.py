@@ -429,6 +429,22 @@ def test_report_html_holds_the_periods_logs_and_savings(run, run_url, tmp_path, 
     assert live == sum(1 for r in run if r["status"] == "HIT" and r.get("source") != EARLIER_SOURCE) > 0
 
 
+def test_a_report_cuts_long_answers_and_the_dashboard_shows_them_whole(provider, url, tmp_path):
+    """A report keeps each answer's first 4,000 characters (and says it cut); the live dashboard up to 20,000."""
+    question = "Please repeat: " + "lorem ipsum " * 500
+    with metrion_fixture.cache(url, namespace="long") as session:
+        answer = call("openai", provider.url, model="gpt-4o", messages=ask(question)).text
+    (record,) = session.calls
+    assert len(answer) > 4000
+    target = tmp_path / "report.html"
+    assert main(["report", "--url", url, "--html", str(target)]) == 0
+    (detail,) = embedded(target.read_text())["details"].values()
+    assert detail["truncated"] and detail["answer"] == answer[:4000]
+    query = f"namespace=long&wire_format=openai_chat&stream=0&key={record.key}"
+    live = get(DashboardApp(open_store(url)), f"/_metrion/api/call?{query}").json()
+    assert not live["truncated"] and live["answer"] == answer
+
+
 def test_report_keeps_prompts_and_answers_inside_its_script(url, tmp_path):
     """A prompt or answer holding </script> cannot end the embedded data early (no HTML injection)."""
     write_ledger(url, "x", [earlier_call(0.1, "MISS", model="</script><script>alert(1)</script>", source="<b>")])

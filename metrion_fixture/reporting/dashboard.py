@@ -48,6 +48,8 @@ MAX_LOG_LIMIT = 5000
 MAX_CHART_DAYS = 92
 # An answer shown in the page (a long stream's events): beyond this it is cut, and says so.
 MAX_ANSWER_CHARS = 20_000
+# A report holds every listed call's answer: shorter ones keep the file small enough to mail.
+MAX_REPORT_ANSWER_CHARS = 4_000
 _DAY = 86400
 _TEMPLATE = "dashboard.html"
 _DATA_SLOT = "/*METRION_DATA*/null"
@@ -297,7 +299,7 @@ def logs(
     return logs_of(ledger_records(store, namespace, since, unwritten, batches), filters, limit)
 
 
-def _detail(stored: StoredEntry, now: float) -> dict[str, Any]:
+def _detail(stored: StoredEntry, now: float, most: int = MAX_ANSWER_CHARS) -> dict[str, Any]:
     entry = stored.entry
     text = answer_text(entry)
     expires_at = None if stored.expires_in is None else now + stored.expires_in
@@ -313,8 +315,8 @@ def _detail(stored: StoredEntry, now: float) -> dict[str, Any]:
         "stored_at": entry.stored_at,
         "expires_at": expires_at,
         "expires_text": "never" if stored.expires_in is None else f"in {duration(stored.expires_in)}",
-        "answer": text[:MAX_ANSWER_CHARS],
-        "truncated": len(text) > MAX_ANSWER_CHARS,
+        "answer": text[:most],
+        "truncated": len(text) > most,
     }
 
 
@@ -364,9 +366,8 @@ def report_data(
         call_id = _call_id(row)
         twin = f"{row['namespace']}|{row['wire_format']}|{int(not row['stream'])}|{row['key']}"
         stored = found.get(call_id) or found.get(twin)
-        details[call_id] = (
-            _detail(stored, now) if stored else {"found": False, "key": row["key"], "message": _NOT_STORED}
-        )
+        missing = {"found": False, "key": row["key"], "message": _NOT_STORED}
+        details[call_id] = _detail(stored, now, MAX_REPORT_ANSWER_CHARS) if stored else missing
     return {
         "mode": "report",
         "generated_at": now,
