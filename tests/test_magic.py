@@ -24,7 +24,7 @@ from traitlets.config import Config
 
 import metrion_fixture
 from metrion_fixture.integrations import patching
-from metrion_fixture.integrations.ipython import CacheReport
+from metrion_fixture.integrations.ipython import CacheReport, format_seconds
 from metrion_fixture.reporting.reports import money
 from metrion_fixture.runtime.activation import active_session, enabled_session
 
@@ -530,6 +530,13 @@ def test_the_report_lists_every_call_of_the_cell_under_details(ip, provider):
     assert rows[1][4:] == [f"{miss.input_tokens} / {miss.output_tokens}", money(miss.cost_usd)]
     assert re.fullmatch(CELL_TIME, rows[0][3]), rows[0][3]
     assert rows[1][5] in ("<$0.0001",) or rows[1][5].startswith("$0.0"), "never $0.0000"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"), [(0.0, "0 s"), (0.00042, "0.4 ms"), (0.0123, "12 ms"), (1.26, "1.3 s"), (93.0, "1.6 min")]
+)
+def test_durations_in_the_notebook_read_as_people_write_them(seconds, shown):
+    assert format_seconds(seconds) == shown
 
 
 def test_the_line_names_three_calls_at_most_and_counts_the_rest():

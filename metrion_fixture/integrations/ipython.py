@@ -277,6 +277,8 @@ def call_cost(record: CallRecord) -> str:
 
 
 def format_seconds(seconds: float) -> str:
+    if seconds <= 0:
+        return "0 s"
     if seconds < 0.01:  # a hit: tenths of a millisecond tell it from a fast provider
         return f"{seconds * 1000:.1f} ms"
     if seconds < 1:
