@@ -571,6 +571,12 @@ def test_the_dashboard_in_a_real_browser(provider, url, tmp_path):
             assert detail.inner_text().strip()
             page.select_option("select[data-filter=namespace]", "")
             expect(page.locator("tr.call")).to_have_count(len(records))
+            # Another process's call reaches the ledger: the open page shows it by itself (it looks every 10 s).
+            late = {**earlier_call(0, "HIT", source="scripts/late.py"), "namespace": "evals"}
+            write_ledger(url, "evals", [late])
+            records.append(late)
+            expect(page.locator("tr.call")).to_have_count(len(records), timeout=30_000)
+            expect(page.locator("tr.call").first).to_have_attribute("data-key", late["key"])
             page.click("#periods button[data-period='30d']")
             page.wait_for_selector("#periods button.on[data-period='30d']")
             page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=False)
