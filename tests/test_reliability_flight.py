@@ -27,9 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "claude-test", "max_tokens": 10, "messages": [{"role": "user", "content": "one question"}]}
 ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "the answer"}]}
 SSE = [
-    b'event: message_start\ndata: {"type":"message_start"}\n\n',
-    b'event: content_block_delta\ndata: {"type":"content_block_delta","delta":{"text":"the answer"}}\n\n',
-    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"}}\n\n',
+    # A full message_start (id, model, usage) so the stream also answers a non-streamed duplicate.
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","type":"message",'
+    b'"role":"assistant","model":"claude-test","content":[],"stop_reason":null,"stop_sequence":null,'
+    b'"usage":{"input_tokens":3,"output_tokens":1}}}\n\n',
+    b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+    b'"content_block":{"type":"text","text":""}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"the answer"}}\n\n',
+    b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},'
+    b'"usage":{"output_tokens":2}}\n\n',
     b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
 ]
 CONCURRENCY = 50

@@ -124,7 +124,12 @@ def test_raw_clients_hit_after_miss(provider, memory_session, sdk, lib, use_asyn
 
 # -- 8. mock, custom and mounted transports -----------------------------------------------------
 
-SSE = b'event: message_start\ndata: {"type":"message_start"}\n\nevent: message_stop\ndata: {"type":"message_stop"}\n\n'
+# The shortest stream the cache calls complete: message_delta says why the message stopped.
+SSE = (
+    b'event: message_start\ndata: {"type":"message_start"}\n\n'
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"}}\n\n'
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+)
 MOCK_ANSWERS = {  # how the mock builds its response
     "json": lambda hx: hx.Response(200, json={"id": "msg_mock", "content": [{"type": "text", "text": "hi"}]}),
     "content": lambda hx: hx.Response(
