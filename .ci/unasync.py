@@ -24,7 +24,7 @@ SUBSTITUTIONS = [
     (r"\bawaited\b", "blocking"),
     (r"\basyncio\.sleep\(", "time.sleep("),
     (r"^import asyncio$", "import time"),
-    (r"\.a(get|set|acquire|release|locked)\(", r".\1("),
+    (r"\.a(get|set|acquire|release|locked|acquire_and_get)\(", r".\1("),
     (r"^\"\"\"The async ", '"""The sync '),
 ]
 HEADER = "# Generated from metrion_fixture/runtime/_async/{name} by .ci/unasync.py: edit that file, not this one.\n"

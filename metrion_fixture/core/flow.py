@@ -131,11 +131,15 @@ class Acquire(NamedTuple):
 
     Answer: True if taken, False if another caller holds it, :data:`HELD_HERE` if the thread or
     task asking already holds it (the driver knows which locks it holds).
+
+    ``look``: the storage keys the flow looks up next if the lock is taken. A driver may read them
+    in the same round trip, right after taking the lock, and answer those Lookups from what it read.
     """
 
     key: str
     token: str
     ttl_ms: int
+    look: tuple[str, ...] = ()
 
 
 class WaitFor(NamedTuple):
@@ -376,8 +380,13 @@ class CacheCore:
         token = self.new_token()
         wait = self.settings.single_flight_wait
         deadline = self.clock.monotonic() + wait
+        assert plan.wire_format is not None
+        # What _look_again reads once the lock is taken: a driver may read it in the same round trip.
+        look: tuple[str, ...] = (plan.storage_key,)
+        if plan.wire_format.converts_modes:
+            look += (other_variant_key(plan, self.settings.namespace),)
         while True:
-            taken = yield Acquire(lock, token, int(wait * 1000) + 1000)
+            taken = yield Acquire(lock, token, int(wait * 1000) + 1000, look)
             if taken == HELD_HERE:
                 return None
             if taken:

@@ -71,6 +71,17 @@ class Store(abc.ABC):
             if held is not None and held[0] == token:
                 del locks[key]
 
+    def acquire_and_get(
+        self, key: str, token: str, ttl_ms: int, keys: tuple[str, ...]
+    ) -> tuple[bool, list[bytes | None]]:
+        """:meth:`acquire`, then, if taken, :meth:`get` of each of ``keys`` (read after the lock is held).
+
+        A networked store does both in one round trip.
+        """
+        if not self.acquire(key, token, ttl_ms):
+            return False, []
+        return True, [self.get(each) for each in keys]
+
     def locked(self, key: str) -> bool:
         """Whether someone holds the lock ``key`` now."""
         with _local_locks_guard:
@@ -82,6 +93,13 @@ class Store(abc.ABC):
     # an event loop never stops for it.
     async def aacquire(self, key: str, token: str, ttl_ms: int) -> bool:
         return self.acquire(key, token, ttl_ms)
+
+    async def aacquire_and_get(
+        self, key: str, token: str, ttl_ms: int, keys: tuple[str, ...]
+    ) -> tuple[bool, list[bytes | None]]:
+        if not await self.aacquire(key, token, ttl_ms):
+            return False, []
+        return True, [await self.aget(each) for each in keys]
 
     async def arelease(self, key: str, token: str) -> None:
         self.release(key, token)

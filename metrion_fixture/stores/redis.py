@@ -265,6 +265,25 @@ class RedisStore(Store):
     def release(self, key: str, token: str) -> None:
         self._sync().eval(_RELEASE, 1, key, token)
 
+    # A miss takes the lock and looks again in one round trip: Redis runs the GETs after the SET.
+    def acquire_and_get(
+        self, key: str, token: str, ttl_ms: int, keys: tuple[str, ...]
+    ) -> tuple[bool, list[bytes | None]]:
+        taken, *values = self._pipelined(
+            ("SET", key, token, "NX", "PX", max(1, ttl_ms)), *(("GET", each) for each in keys)
+        )
+        return bool(taken), values if taken else []
+
+    async def aacquire_and_get(
+        self, key: str, token: str, ttl_ms: int, keys: tuple[str, ...]
+    ) -> tuple[bool, list[bytes | None]]:
+        async with (await self._async()).pipeline(transaction=False) as pipe:
+            pipe.set(key, token, nx=True, px=max(1, ttl_ms))
+            for each in keys:
+                pipe.get(each)
+            taken, *values = await pipe.execute()
+        return bool(taken), values if taken else []
+
     def locked(self, key: str) -> bool:
         return bool(self._sync().exists(key))
 

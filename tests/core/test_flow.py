@@ -442,7 +442,8 @@ def test_a_miss_takes_the_lock_looks_again_then_forwards_stores_and_releases():
     assert result.steps[1:] == [
         Lookup(key),
         Lookup(OPENAI_CHAT.storage_key(True)),
-        Acquire(lock, TOKEN, 31_000),  # the lock expires after single_flight_wait + 1 s
+        # The lock expires after single_flight_wait + 1 s; what is looked up again may be read with it.
+        Acquire(lock, TOKEN, 31_000, (key, OPENAI_CHAT.storage_key(True))),
         Lookup(key),  # another caller may have stored it between the first look and the lock
         Lookup(OPENAI_CHAT.storage_key(True)),  # in either mode
         Forward(STRIP),
@@ -473,7 +474,8 @@ def test_the_lock_expires_one_second_after_the_wait(wait, ttl_ms):
     core = make_core(single_flight_wait=wait)
     req = Req(ANTHROPIC)
     result = run(req.flow(core), *cold(req), *stored_after_miss(ANTHROPIC))
-    assert result.steps[3] == Acquire(lock_of(ANTHROPIC), TOKEN, ttl_ms)
+    look = (ANTHROPIC.storage_key(False), ANTHROPIC.storage_key(True))
+    assert result.steps[3] == Acquire(lock_of(ANTHROPIC), TOKEN, ttl_ms, look)
 
 
 def test_an_entry_stored_between_the_first_look_and_the_lock_is_served_and_the_lock_given_back():

@@ -48,6 +48,8 @@ async def drive(session: CacheSession, flow: Generator[Step, Any, Outcome], upst
     calls = session.async_store_calls
     answer: Any = None
     held: Acquire | None = None
+    # Values read with a lock (Acquire.look), for the Lookups that follow it: one round trip, not three.
+    read_with_lock: dict[str, Any] = {}
     try:
         while True:
             try:
@@ -56,8 +58,13 @@ async def drive(session: CacheSession, flow: Generator[Step, Any, Outcome], upst
                 held = None
                 return session.publish_outcome(done.value)
             if isinstance(step, Lookup):
+                if step.storage_key in read_with_lock:
+                    answer = read_with_lock.pop(step.storage_key)
+                    continue
                 answer = await calls.read(step.storage_key)
-            elif isinstance(step, ReadRequest):
+                continue
+            read_with_lock.clear()  # only for the Lookups right after the lock: never an older value
+            if isinstance(step, ReadRequest):
                 answer = await upstream.read_request()
             elif isinstance(step, Forward):
                 answer = await upstream.forward(step.strip)
@@ -66,7 +73,7 @@ async def drive(session: CacheSession, flow: Generator[Step, Any, Outcome], upst
             elif isinstance(step, Write):
                 answer = await calls.write(*step)
             elif isinstance(step, Acquire):
-                answer = await calls.acquire(*step)
+                answer, read_with_lock = await calls.acquire_and_read(*step)
                 held = step if answer is True else None
             elif isinstance(step, WaitFor):
                 answer = await calls.wait_for(*step)

@@ -49,6 +49,8 @@ def drive(session: CacheSession, flow: Generator[Step, Any, Outcome], upstream: 
     calls = session.store_calls
     answer: Any = None
     held: Acquire | None = None
+    # Values read with a lock (Acquire.look), for the Lookups that follow it: one round trip, not three.
+    read_with_lock: dict[str, Any] = {}
     try:
         while True:
             try:
@@ -57,8 +59,13 @@ def drive(session: CacheSession, flow: Generator[Step, Any, Outcome], upstream: 
                 held = None
                 return session.publish_outcome(done.value)
             if isinstance(step, Lookup):
+                if step.storage_key in read_with_lock:
+                    answer = read_with_lock.pop(step.storage_key)
+                    continue
                 answer = calls.read(step.storage_key)
-            elif isinstance(step, ReadRequest):
+                continue
+            read_with_lock.clear()  # only for the Lookups right after the lock: never an older value
+            if isinstance(step, ReadRequest):
                 answer = upstream.read_request()
             elif isinstance(step, Forward):
                 answer = upstream.forward(step.strip)
@@ -67,7 +74,7 @@ def drive(session: CacheSession, flow: Generator[Step, Any, Outcome], upstream: 
             elif isinstance(step, Write):
                 answer = calls.write(*step)
             elif isinstance(step, Acquire):
-                answer = calls.acquire(*step)
+                answer, read_with_lock = calls.acquire_and_read(*step)
                 held = step if answer is True else None
             elif isinstance(step, WaitFor):
                 answer = calls.wait_for(*step)

@@ -57,6 +57,26 @@ class StoreCalls(StoreGuard):
             HELD_LOCKS.took(key, token, ttl_ms)
         return taken
 
+    def acquire_and_read(
+        self, key: str, token: str, ttl_ms: int, look: tuple[str, ...] = ()
+    ) -> tuple[bool | str, dict[str, bytes | None]]:
+        """:meth:`acquire`, and once it is taken, the values of ``look`` read right after it (one round trip).
+
+        Nothing is read when the lock is not taken or the store fails: the caller then reads as usual.
+        """
+        if not look or HELD_LOCKS.held_here(key) or not self.breaker.allow():
+            return self.acquire(key, token, ttl_ms), {}
+        try:
+            taken, values = self.store.acquire_and_get(key, token, ttl_ms, look)
+        except Exception as error:  # noqa: BLE001
+            self.failed("lock", error)
+            return True, {}
+        self.breaker.succeeded()
+        if not taken:
+            return False, {}
+        HELD_LOCKS.took(key, token, ttl_ms)
+        return True, dict(zip(look, values, strict=True))
+
     def release(self, key: str, token: str) -> None:
         HELD_LOCKS.gave_back(key, token)
         if not self.breaker.allow():
