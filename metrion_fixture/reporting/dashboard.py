@@ -46,7 +46,7 @@ DEFAULT_LOG_LIMIT = 200
 MAX_LOG_LIMIT = 5000
 # The chart has one bar per day; a longer period shows its most recent days.
 MAX_CHART_DAYS = 92
-# An answer shown in the page (a long stream's events): beyond this it is cut, and says so.
+# An answer shown in the page: beyond this it is cut, and says so (metrion-cache show prints it whole).
 MAX_ANSWER_CHARS = 20_000
 # A report holds every listed call's answer: shorter ones keep the file small enough to mail.
 MAX_REPORT_ANSWER_CHARS = 4_000
