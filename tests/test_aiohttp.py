@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import inspect
 import json
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -230,6 +232,31 @@ def test_a_caller_that_stops_a_stream_early_stores_nothing(provider, memory_sess
     assert again.headers["x-metrion-cache"] == "MISS"
     assert time.monotonic() - started < 5, "the abandoned stream's single-flight lock was not given back"
     assert provider.call_count == 2 and memory_session.stats.stored == 1
+
+
+def test_a_stream_dropped_unread_gives_its_lock_back(provider, memory_session):
+    """A streamed response neither read, released nor closed, then dropped: ended once garbage-collected, so
+    an identical request (another thread: a thread never waits for itself) does not wait for the lock."""
+    url, body = url_for(provider, "anthropic"), body_for("anthropic", stream=True)
+
+    async def drop() -> None:
+        async with aiohttp.ClientSession() as client:
+            response = await client.post(url, json=body)
+            assert response.headers["x-metrion-cache"] == "MISS"
+            del response
+            gc.collect()
+
+    asyncio.run(drop())
+    gc.collect()
+    started = time.monotonic()
+    in_the_block = contextvars.copy_context()  # a cache() block covers its thread only
+    answers: list[Any] = []
+    other = threading.Thread(target=lambda: answers.append(in_the_block.run(post, url, body, how="lines")))
+    other.start()
+    other.join(timeout=60)
+    ((again, _),) = answers[0]
+    assert time.monotonic() - started < 5, "the dropped stream's single-flight lock was not given back"
+    assert again.headers["x-metrion-cache"] == "MISS" and provider.call_count == 2
 
 
 def test_a_stream_the_provider_cuts_raises_and_stores_nothing(provider, memory_session):

@@ -7,12 +7,13 @@ the provider itself, and requests for different keys never wait on each other.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import httpx2
@@ -283,3 +284,51 @@ def test_single_flight_can_be_turned_off(namespace):
 
     results = run_threads(5, lambda _: sync_request(session, handler))
     assert [r[:2] for r in results] == [(200, "MISS")] * 5
+
+
+def drop_a_stream_unread(session: CacheSession, provider: SlowProvider, use_async: bool) -> None:
+    """Open a recorded stream and drop the response: never read, never closed. (An iterator dropped
+    half-way closes the response itself, in httpx: that case ends the stream already.)"""
+    body = {**BODY, "stream": True}
+    if not use_async:
+        client = httpx2.Client(transport=CacheTransport(httpx2.MockTransport(provider), session=session))
+        response = client.send(
+            client.build_request("POST", "https://provider.test/v1/messages", json=body), stream=True
+        )
+        assert response.headers["x-metrion-cache"] == "MISS"
+        del response
+        gc.collect()
+        return
+
+    async def sse() -> AsyncIterator[bytes]:
+        for event in SSE:
+            yield event
+
+    async def streaming_provider(request: httpx2.Request) -> httpx2.Response:
+        provider.calls += 1
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=sse())
+
+    async def dropped() -> None:
+        transport = AsyncCacheTransport(httpx2.MockTransport(streaming_provider), session=session)
+        client = httpx2.AsyncClient(transport=transport)
+        request = client.build_request("POST", "https://provider.test/v1/messages", json=body)
+        response = await client.send(request, stream=True)
+        assert response.headers["x-metrion-cache"] == "MISS"
+        del response
+
+    asyncio.run(dropped())
+    gc.collect()
+
+
+@pytest.mark.parametrize("use_async", [False, True], ids=["sync", "async"])
+def test_a_stream_dropped_unread_gives_its_lock_back(store_url, namespace, use_async):
+    """A recorded stream dropped unread (not closed) ends when it is garbage-collected: the next identical
+    request does not wait for the lock to expire (single_flight_wait, 30 s here), and nothing was stored."""
+    session = CacheSession(store_url, namespace=namespace)
+    provider = SlowProvider(pause=0)
+    drop_a_stream_unread(session, provider, use_async)
+    started = time.monotonic()
+    # From another thread: a thread never waits for a lock it holds itself.
+    ((status, tag, content),) = run_threads(1, lambda _: sync_request(session, provider, {**BODY, "stream": True}))
+    assert time.monotonic() - started < 5, "the dropped stream's single-flight lock was not given back"
+    assert (status, tag, text_of(content, True)) == (200, "MISS", "the answer") and provider.calls == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import threading
 import time
 import uuid
@@ -211,6 +212,29 @@ def test_stream_left_early_is_not_stored(memory_session, fake, host):
         next(stream)
         stream.close()
     assert stored_values(memory_session) == {}
+
+
+def test_stream_dropped_half_read_gives_its_lock_back(memory_session, fake, host):
+    """A gRPC call has no close hook: a stream dropped half-read ends once it is garbage-collected, so
+    the next identical stream (another thread: a thread never waits for itself) does not wait for the lock."""
+    with sync_client(host) as client:
+        chat = client.chat.create(model=MODEL, messages=prompt_messages("dropped half-read"))
+        stream = chat.stream()
+        next(stream)
+        del stream, chat
+        gc.collect()
+        started = time.monotonic()
+        answers: list[tuple[str, list[str]]] = []
+        in_the_block = contextvars.copy_context()  # a cache() block covers its thread only
+        other = threading.Thread(
+            target=lambda: answers.append(in_the_block.run(run_sync, host, "dropped half-read", True))
+        )
+        other.start()
+        other.join(timeout=60)
+        waited = time.monotonic() - started
+    assert answers and answers[0][0], answers
+    assert waited < 5, f"the dropped stream's single-flight lock was held {waited:.1f} s"
+    assert fake.call_count == 2 and [call.status for call in memory_session.calls] == ["MISS", "MISS"]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["sample", "stream"])

@@ -40,6 +40,7 @@ from ..core.flow import Answer, Outcome, PassThrough, Rebuilt, Tee
 from ..runtime._async.driver import drive, end_stream
 from ..runtime._sync.driver import end_stream as end_stream_now
 from ..runtime.activation import active_session
+from ..runtime.dropped import end_when_dropped
 from ..runtime.session import CacheSession
 from .httpx_common import SessionSource, session_source
 
@@ -411,11 +412,12 @@ class _Stored:
 class _Recorded:
     """The provider's stream, each piece recorded as the caller pulls it; ``end_stream`` once, at its end."""
 
-    __slots__ = ("_provider", "_tee", "_session", "_over")
+    __slots__ = ("_provider", "_tee", "_session", "_over", "_dropped", "__weakref__")
 
     def __init__(self, provider: aiohttp.ClientResponse, tee: Tee, session: CacheSession) -> None:
         self._provider, self._tee, self._session = provider, tee, session
         self._over = False
+        self._dropped = end_when_dropped(self, session, tee)
 
     async def pull(self) -> bytes:
         recorder = self._tee.recorder
@@ -461,6 +463,7 @@ class _Recorded:
 
     def _claim(self) -> bool:
         over, self._over = self._over, True
+        self._dropped.detach()
         return not over
 
 

@@ -32,6 +32,7 @@ from ..runtime._async.driver import drive as adrive
 from ..runtime._async.driver import end_stream as aend_stream
 from ..runtime._sync.driver import drive, end_stream
 from ..runtime.activation import active_session
+from ..runtime.dropped import end_when_dropped
 from ..runtime.session import CacheSession
 
 SessionSource = CacheSession | Callable[[], CacheSession | None] | None
@@ -297,13 +298,14 @@ class _Replay(_Done):
 class _Tee:
     """xAI's stream passed to the caller as it arrives, stored once it ended with status OK.
 
-    A stream the caller leaves half-read keeps its single-flight lock until the lock expires
-    (single_flight_wait + 1 s): a gRPC call has no close hook to tell.
+    A gRPC call has no close hook: a stream the caller leaves half-read is ended (its lock given
+    back) once the caller drops it and it is garbage-collected (runtime/dropped.py).
     """
 
     def __init__(self, call: Any, tee: Tee, session: CacheSession) -> None:
         self._call, self._tee, self._session = call, tee, session
         self._over = False
+        self._dropped = end_when_dropped(self, session, tee)
 
     def __getattr__(self, name: str) -> Any:  # the grpc.Call / grpc.Future methods of the real call
         return getattr(self._call, name)
@@ -327,6 +329,7 @@ class _Tee:
     def _end(self, reached_eof: bool) -> None:
         if not self._over:
             self._over = True
+            self._dropped.detach()
             end_stream(self._session, self._tee, reached_eof)
 
 

@@ -17,6 +17,7 @@ from ..core.flow import Answer, Outcome, PassThrough, Rebuilt, Tee
 from ..runtime._async.driver import drive as adrive
 from ..runtime._async.driver import end_stream as aend_stream
 from ..runtime._sync.driver import drive, end_stream
+from ..runtime.dropped import end_when_dropped
 from ..runtime.session import CacheSession
 
 SessionSource = Callable[[], "CacheSession | None"]
@@ -122,6 +123,7 @@ class _TeeStream:
         self._upstream, self._tee, self._session = upstream, tee, session
         self._source: Iterator[bytes] | None = None
         self._over = False
+        self._dropped = end_when_dropped(self, session, tee)
 
     def __iter__(self) -> Iterator[bytes]:
         # One source for every iteration: SDKs drain the rest of a stream by iterating
@@ -149,6 +151,7 @@ class _TeeStream:
     def _end(self, reached_eof: bool) -> None:
         if not self._over:
             self._over = True
+            self._dropped.detach()
             end_stream(self._session, self._tee, reached_eof)
 
 
@@ -157,6 +160,7 @@ class _AsyncTeeStream:
         self._upstream, self._tee, self._session = upstream, tee, session
         self._source: AsyncIterator[bytes] | None = None
         self._over = False
+        self._dropped = end_when_dropped(self, session, tee)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         if self._source is None:
@@ -180,6 +184,7 @@ class _AsyncTeeStream:
     async def _end(self, reached_eof: bool) -> None:
         if not self._over:
             self._over = True
+            self._dropped.detach()
             await aend_stream(self._session, self._tee, reached_eof)
 
 
