@@ -50,6 +50,7 @@ class Row:
     target: str = ""  # e.g. "<= 1.30x", "< 1 ms"
     limit: float | None = None  # what the ratio (or, if ``absolute``, the value) must not exceed
     absolute: bool = False
+    at_least: bool = False  # the limit is a floor (hits per second): the number must not fall below it
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -64,7 +65,7 @@ class Row:
         if self.limit is None:
             return None
         number = self.value if self.absolute or self.ratio is None else self.ratio
-        return number <= self.limit
+        return number >= self.limit if self.at_least else number <= self.limit
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ratio": self.ratio, "ok": self.ok}

@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 import concurrency  # noqa: E402
+import first_read  # noqa: E402
 import hit_overhead  # noqa: E402
 import miss  # noqa: E402
 import proxy  # noqa: E402
@@ -32,7 +33,7 @@ import storage  # noqa: E402
 import streams  # noqa: E402
 from common import Context, Row  # noqa: E402
 
-MEASURES = ("hit_overhead", "scale", "streams", "miss", "concurrency", "storage", "proxy")
+MEASURES = ("hit_overhead", "scale", "streams", "miss", "concurrency", "storage", "proxy", "first_read")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -46,6 +47,7 @@ def run(ctx: Context, only: tuple[str, ...] = MEASURES) -> dict[str, Any]:
         "concurrency": lambda: concurrency.measure(ctx, urls),
         "storage": lambda: storage.measure(ctx, urls),
         "proxy": lambda: proxy.measure(ctx),
+        "first_read": lambda: first_read.measure(ctx),
     }
     rows: list[Row] = []
     report: dict[str, Any] = {"meta": _meta(ctx), "measures": {}, "rows": []}

@@ -14,17 +14,17 @@ from pathlib import Path
 from conftest import REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
-MEASURES = {"hit_overhead", "scale", "streams", "miss", "concurrency", "storage", "proxy"}
+MEASURES = {"hit_overhead", "scale", "streams", "miss", "concurrency", "storage", "proxy", "first_read"}
 
 
 def test_benchmark_smoke_run_writes_every_measure(tmp_path, redis_url):
-    """`benchmarks/run.py --smoke` exits 0, prints the table and writes JSON with all seven measures."""
+    """`benchmarks/run.py --smoke` exits 0, prints the table and writes JSON with all eight measures."""
     out = tmp_path / "bench.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--redis", REDIS_URL, "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -34,7 +34,7 @@ def test_benchmark_smoke_run_writes_every_measure(tmp_path, redis_url):
     assert set(report["measures"]) == MEASURES
     assert report["meta"]["smoke"] is True
     measured = {row["measure"] for row in report["rows"]}
-    assert measured >= {"hit overhead", "streams", "miss overhead", "concurrency", "storage", "proxy"}
+    assert measured >= {"hit overhead", "streams", "miss overhead", "concurrency", "storage", "proxy", "first read"}
     for row in report["rows"]:
         assert row["value"] >= 0 and isinstance(row["case"], str)
         if row["baseline"]:
@@ -53,6 +53,9 @@ def test_benchmark_smoke_run_writes_every_measure(tmp_path, redis_url):
     proxied = report["measures"]["proxy"]
     assert set(proxied["per_second"]["proxy hit"]) == {"1", "8", "64"}
     assert proxied["latency"]["proxy hit"]["p50_ms"] > 0 and proxied["streamed_miss"]["proxy miss"]["n"] > 0
+    first = report["measures"]["first_read"]  # every read a hit of an entry another process wrote
+    assert first["hits"]["redis_p50_ms"] > 0 and first["streams"]["redis_first_p50_ms"] > 0
+    assert set(first["rates"]) == {"1", "8", "64"} and all(rate["redis"] > 0 for rate in first["rates"].values())
 
 
 def test_long_stream_entry_decodes_to_the_same_chunks_and_rejects_damage():
