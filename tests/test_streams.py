@@ -213,8 +213,9 @@ def test_sdk_gets_the_first_event_before_the_entry_exists(slow_provider, memory_
 
 
 @sync_async
+@pytest.mark.parametrize("label", ["text/event-stream", "application/json"])  # gateways label streams JSON
 @pytest.mark.parametrize("lib", sorted(LIBS))
-def test_upstream_is_pulled_one_chunk_at_a_time(memory_session, namespace, lib, use_async):
+def test_upstream_is_pulled_one_chunk_at_a_time(memory_session, namespace, lib, use_async, label):
     """With an upstream we control: when the caller holds chunk n, the cache has pulled exactly n chunks from it."""
     hx = LIBS[lib]
     events = [
@@ -238,7 +239,7 @@ def test_upstream_is_pulled_one_chunk_at_a_time(memory_session, namespace, lib, 
                 yield chunk
 
     def handler(request):
-        return hx.Response(200, headers={"content-type": "text/event-stream"}, stream=Upstream())
+        return hx.Response(200, headers={"content-type": label}, stream=Upstream())
 
     def check(index: int, chunk: bytes, status: str) -> None:
         assert status == "MISS" and chunk == events[index]
