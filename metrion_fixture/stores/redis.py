@@ -237,8 +237,7 @@ class RedisStore(Store):
                 if value is not None:
                     return value
                 if ticket is not None:
-                    async with (await self._async()).pipeline(transaction=False) as pipe:
-                        value, ttl_ms = await pipe.get(key).pttl(key).execute()  # type: ignore[attr-defined]
+                    value, ttl_ms = await self._apipelined(("GET", key), ("PTTL", key))
                     near.remember(key, value, ttl_ms, ticket)
                     return value
             value = await (await self._async()).get(key)  # type: ignore[assignment]
@@ -247,6 +246,23 @@ class RedisStore(Store):
             raise
         self._answered = True
         return value
+
+    async def _apipelined(self, *commands: tuple[Any, ...]) -> list[Any]:
+        # A first read in a process (near cache miss): commands sent on a pool connection as they are,
+        # without redis-py's Pipeline object, which costs about half as much again as the round trip.
+        client = await self._async()
+        if type(client) is not redis.asyncio.Redis:  # a cluster client routes each key itself
+            return [await client.execute_command(*each) for each in commands]
+        pool = client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            return [await conn.read_response() for _ in commands]
+        except BaseException:
+            await conn.disconnect()  # it may hold half a reply
+            raise
+        finally:
+            await pool.release(conn)
 
     async def aset(self, key: str, value: bytes, ttl_seconds: int) -> None:
         try:
@@ -277,11 +293,9 @@ class RedisStore(Store):
     async def aacquire_and_get(
         self, key: str, token: str, ttl_ms: int, keys: tuple[str, ...]
     ) -> tuple[bool, list[bytes | None]]:
-        async with (await self._async()).pipeline(transaction=False) as pipe:
-            pipe.set(key, token, nx=True, px=max(1, ttl_ms))
-            for each in keys:
-                pipe.get(each)
-            taken, *values = await pipe.execute()
+        taken, *values = await self._apipelined(
+            ("SET", key, token, "NX", "PX", max(1, ttl_ms)), *(("GET", each) for each in keys)
+        )
         return bool(taken), values if taken else []
 
     def locked(self, key: str) -> bool:
