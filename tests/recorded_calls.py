@@ -49,6 +49,11 @@ def _openai_stream_digest(chunks: Any) -> str:
     return "".join(parts)
 
 
+def _responses_digest(response: Any) -> str:
+    calls = [item.name + item.arguments for item in response.output if item.type == "function_call"]
+    return " ".join([response.output_text, *calls])
+
+
 def _gemini_digest(responses: list[Any]) -> str:
     parts = []
     for response in responses:
@@ -85,8 +90,8 @@ def send(
     if api == "responses":
         if stream:
             with gpt.responses.stream(**params) as events:
-                return events.get_final_response().output_text
-        return gpt.responses.create(**params).output_text
+                return _responses_digest(events.get_final_response())
+        return _responses_digest(gpt.responses.create(**params))
     assert api == "gemini" and model, "a Gemini request names its model in the path"
     gemini = genai.Client(api_key="AIza-test", http_options=genai_types.HttpOptions(base_url=base_url, headers=headers))
     config = genai_types.GenerateContentConfig.model_validate(

@@ -140,7 +140,7 @@ ANSWERS: list[tuple[str, str, dict[str, Any], str | None, str, str]] = [
     ),
     ("anthropic tool_use", "anthropic", {"tools": SEARCH_TOOL_ANTHROPIC}, None, "tool-call", "search_faq"),
     ("anthropic citations", "anthropic", {}, None, "citations", ""),
-    ("openai annotations", "openai", {}, None, "annotations", ""),
+    ("openai annotations", "openai", {}, None, "", ""),
     ("openai logprobs", "openai", {"logprobs": True, "top_logprobs": 1}, None, "", ""),
     (
         "openai audio",
@@ -170,12 +170,11 @@ ANSWERS: list[tuple[str, str, dict[str, Any], str | None, str, str]] = [
 
 
 def _answer_cases() -> list[Any]:
-    cases = []
-    for label, api, extra, model, modes, says in ANSWERS:
-        for stream in (False, True):
-            mode = "stream" if stream else "json"
-            cases.append(pytest.param(api, extra, model, modes, says, stream, id=f"{label}-{mode}"))
-    return cases
+    return [
+        pytest.param(api, extra, model, modes, says, stream, id=f"{label}-{'stream' if stream else 'json'}")
+        for label, api, extra, model, modes, says in ANSWERS
+        for stream in (False, True)
+    ]
 
 
 @pytest.mark.parametrize(("api", "extra", "model", "modes", "says", "stream"), _answer_cases())

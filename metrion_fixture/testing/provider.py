@@ -430,7 +430,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "role": "assistant",
                 "content": None if (tool or refusal or audio) else answer,
                 "refusal": refusal,
-                **({"annotations": []} if "annotations" in modes else {}),
+                "annotations": [],
             }
             if tool:
                 message["tool_calls"] = [call]
