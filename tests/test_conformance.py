@@ -53,7 +53,7 @@ LIBRARIES: dict[str, tuple[str, tuple[str, ...]]] = {
     # proxy: dspy's litellm engine through `metrion-cache serve`; proxy-lm15: its default engine.
     "dspy": ("openai3", (SYNC, ASYNC, REPLAY, "proxy", "proxy-lm15")),
     "llama-index-llms-openai": ("openai2", EVERY_MODE),
-    "instructor": ("openai2", (SYNC, ASYNC, REPLAY)),
+    "instructor": ("openai2", (SYNC, ASYNC, STREAM, ASTREAM, REPLAY)),
 }
 
 # Cases that fail only because of a cache bug being fixed under issue 12; strict, so the marker

@@ -350,25 +350,40 @@ def instructor_cases(provider: SimulatedProvider, case: str) -> str:
     def prompt(asked: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": json.dumps({"city": city(asked)})}]
 
-    def create(asked: str) -> dict[str, Any]:
-        client = instructor.from_openai(
+    def client() -> Any:
+        return instructor.from_openai(
             openai.OpenAI(base_url=provider.url + "/v1", api_key=OPENAI_KEY), mode=instructor.Mode.MD_JSON
         )
-        reply = client.chat.completions.create(model=OPENAI_MODEL, response_model=Delivery, messages=prompt(asked))
+
+    def aclient() -> Any:
+        return instructor.from_openai(
+            openai.AsyncOpenAI(base_url=provider.url + "/v1", api_key=OPENAI_KEY), mode=instructor.Mode.MD_JSON
+        )
+
+    def create(asked: str) -> dict[str, Any]:
+        reply = client().chat.completions.create(model=OPENAI_MODEL, response_model=Delivery, messages=prompt(asked))
         return reply.model_dump()
 
     async def acreate(asked: str) -> dict[str, Any]:
-        client = instructor.from_openai(
-            openai.AsyncOpenAI(base_url=provider.url + "/v1", api_key=OPENAI_KEY), mode=instructor.Mode.MD_JSON
-        )
-        reply = await client.chat.completions.create(
-            model=OPENAI_MODEL, response_model=Delivery, messages=prompt(asked)
-        )
+        completions = aclient().chat.completions
+        reply = await completions.create(model=OPENAI_MODEL, response_model=Delivery, messages=prompt(asked))
         return reply.model_dump()
+
+    # Streamed: partial objects as the JSON arrives; the last one is the whole answer.
+    def partial(asked: str) -> dict[str, Any]:
+        completions = client().chat.completions
+        parts = list(completions.create_partial(model=OPENAI_MODEL, response_model=Delivery, messages=prompt(asked)))
+        return parts[-1].model_dump()
+
+    async def apartial(asked: str) -> dict[str, Any]:
+        completions = aclient().chat.completions
+        stream = completions.create_partial(model=OPENAI_MODEL, response_model=Delivery, messages=prompt(asked))
+        parts = [part async for part in stream]
+        return parts[-1].model_dump()
 
     if case == "replay-miss":
         return replay_miss(provider, create)
-    call = {"sync": create, "async": run_sync(acreate)}[case]
+    call = {"sync": create, "async": run_sync(acreate), "stream": partial, "astream": run_sync(apartial)}[case]
     return miss_then_hit(provider, call, expected=lambda asked: {"city": city(asked)})
 
 
