@@ -117,3 +117,30 @@ def test_a_pytest_run_that_uses_the_cache_loads_the_runtime(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     loaded = json.loads(result.stdout.rpartition("LOADED=")[2].splitlines()[0])
     assert {"metrion_fixture.runtime.session", "metrion_fixture.core.engine"} <= set(loaded)
+
+
+def test_enable_patches_an_http_library_when_it_is_imported_not_before(tmp_path):
+    # An httpx2 user does not pay for importing httpx (and its CLI's click and pygments) to patch it;
+    # httpx imported later is patched at once, and unpatched by disable().
+    code = textwrap.dedent(
+        """
+        import sys
+        import httpx2
+        import metrion_fixture
+        session = metrion_fixture.enable("memory://")
+        assert "httpx" not in sys.modules
+        import httpx
+        def answer(request):
+            return httpx.Response(200, json={"id": "msg_1", "type": "message", "content": []})
+        body = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+        with httpx.Client(transport=httpx.MockTransport(answer)) as client:
+            tags = [client.post("https://api.anthropic.com/v1/messages", json=body).headers.get("x-metrion-cache")
+                    for _ in range(2)]
+        assert tags == ["MISS", "HIT"], tags
+        patched = httpx.Client._transport_for_url
+        metrion_fixture.disable()
+        assert httpx.Client._transport_for_url is not patched
+        assert not [hook for hook in sys.meta_path if type(hook).__name__ == "_PatchOnImport"]
+        """
+    )
+    assert "httpx" in loaded_after(code, tmp_path)  # the script's own asserts passed (it exited 0)

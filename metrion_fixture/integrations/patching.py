@@ -18,7 +18,6 @@ import importlib.util
 import sys
 import threading
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 from ..runtime.activation import active_session
@@ -31,21 +30,11 @@ _installs = 0
 _patched: list[tuple[type, Callable[..., Any], Callable[..., Any]]] = []
 
 
-def available_libraries() -> list[ModuleType]:
-    """The adapter modules of every installed HTTP library (importing it if needed)."""
-    return [
-        importlib.import_module(f"{__package__}.{name}")
-        for name in HTTP_LIBRARIES
-        if importlib.util.find_spec(name) is not None
-    ]
-
-
-def cache_transport_types() -> tuple[type, ...]:
-    return tuple(cls for lib in available_libraries() for cls in (lib.CacheTransport, lib.AsyncCacheTransport))
-
-
 def _patch_for(cache_class: type, original: Callable[..., Any]) -> Callable[..., Any]:
-    own_types = cache_transport_types()
+    # The base classes, not the libraries' own: patching one library must not import the other.
+    from .httpx_common import AsyncCacheTransportBase, SyncCacheTransportBase
+
+    own_types = (SyncCacheTransportBase, AsyncCacheTransportBase)
 
     def _transport_for_url(self: Any, url: Any) -> Any:
         transport = original(self, url)
@@ -69,16 +58,7 @@ def install() -> None:
         _installs += 1
         if _installs > 1:
             return
-        for library in available_libraries():
-            hx = library.LIBRARY.module
-            for client_class, cache_class in (
-                (hx.Client, library.CacheTransport),
-                (hx.AsyncClient, library.AsyncCacheTransport),
-            ):
-                original = client_class._transport_for_url
-                patched = _patch_for(cache_class, original)
-                client_class._transport_for_url = patched
-                _patched.append((client_class, original, patched))
+        _install_http_libraries()
         _install_xai()
         _install_aiohttp()
 
@@ -91,6 +71,8 @@ def uninstall() -> None:
         _installs -= 1
         if _installs > 0:
             return
+        if _http_hook in sys.meta_path:
+            sys.meta_path.remove(_http_hook)
         while _patched:
             client_class, original, patched = _patched.pop()
             if client_class.__dict__.get("_transport_for_url") is patched:
@@ -101,6 +83,32 @@ def uninstall() -> None:
 
 def installed() -> bool:
     return _installs > 0
+
+
+def _patch_http_library(module: Any) -> None:
+    """Patch one HTTP library's two clients (called with ``_lock`` held, while installed)."""
+    if any(client_class is module.Client for client_class, _, _ in _patched):
+        return
+    library = importlib.import_module(f"{__package__}.{module.__name__}")
+    for client_class, cache_class in (
+        (module.Client, library.CacheTransport),
+        (module.AsyncClient, library.AsyncCacheTransport),
+    ):
+        original = client_class._transport_for_url
+        patched = _patch_for(cache_class, original)
+        client_class._transport_for_url = patched
+        _patched.append((client_class, original, patched))
+
+
+def _install_http_libraries() -> None:
+    # A library not imported yet is patched when it is: an httpx2 user (anthropic 2.x) does not pay
+    # for importing httpx 1.x (and the click and pygments its CLI imports) just to patch it.
+    for name in HTTP_LIBRARIES:
+        module = sys.modules.get(name)
+        if module is not None:
+            _patch_http_library(module)
+        elif importlib.util.find_spec(name) is not None and _http_hook not in sys.meta_path:
+            sys.meta_path.insert(0, _http_hook)
 
 
 # gRPC: the official xai-sdk makes its channels in ``Client._make_grpc_channel`` (sync and aio);
@@ -149,6 +157,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+_http_hook = _PatchOnImport(dict.fromkeys(HTTP_LIBRARIES, _patch_http_library))
 _xai_hook = _PatchOnImport(
     {name: functools.partial(_patch_xai_module, aio=aio) for name, aio in _XAI_CLIENT_MODULES.items()}
 )
