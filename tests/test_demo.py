@@ -6,7 +6,10 @@ import io
 import subprocess
 import sys
 
-from metrion_fixture.demo.faq_bot import run_demo
+from metrion_fixture.core.records import Usage
+from metrion_fixture.demo.faq_bot import DEMO_MODEL, run_demo
+from metrion_fixture.reporting.prices import cost_usd
+from metrion_fixture.reporting.reports import money
 
 
 def test_demo_story_misses_once_per_question_then_hits(tmp_path, monkeypatch):
@@ -21,6 +24,26 @@ def test_demo_story_misses_once_per_question_then_hits(tmp_path, monkeypatch):
     assert (tmp_path / ".metrion_cache" / "cache.sqlite3").exists()  # the embedded default store
     assert "2 reached the provider, 3 answered by the cache" in out.getvalue()
     assert rows[0].input_tokens > 0 and rows[1].input_tokens == rows[0].input_tokens
+
+
+def test_demo_shows_the_dollars_spent_and_saved(tmp_path, monkeypatch):
+    """The first thing a newcomer sees has dollars: the demo's model has a list price."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("METRION_CACHE_URL", raising=False)
+    out = io.StringIO()
+    rows = run_demo(latency=0.0, out=out)
+
+    def dollars(chosen):
+        return sum(cost_usd(DEMO_MODEL, Usage(row.input_tokens, row.output_tokens)) or 0.0 for row in chosen)
+
+    hits = [row for row in rows if row.cache == "HIT"]
+    spent, saved = dollars(row for row in rows if row.cache == "MISS"), dollars(hits)
+    saved_tokens = sum(row.input_tokens + row.output_tokens for row in hits)
+    assert saved > 0
+    assert (
+        f"Spent {money(spent)} at the provider; the cache saved {money(saved)} ({saved_tokens} tokens) "
+        f"at {DEMO_MODEL}'s list price." in out.getvalue()
+    )
 
 
 def test_demo_runs_again_from_a_clean_slate(tmp_path, monkeypatch):

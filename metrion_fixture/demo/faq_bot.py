@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..api import cache
-from ..reporting.reports import plural
+from ..core.stats import Stats
+from ..reporting.reports import money, plural
 from ..testing.provider import SimulatedProvider
 
 DEMO_NAMESPACE = "metrion-demo"
+DEMO_MODEL = "claude-haiku-4-5"  # a model with a list price, so the demo shows dollars
 
 
 @dataclass
@@ -56,7 +58,7 @@ def run_demo(url: str | None = None, *, latency: float = 0.8, out: TextIO = sys.
         system = "You are the FAQ bot of an online shop. Answer in one or two sentences."
         for who, question, streamed in script:
             args: dict[str, Any] = dict(
-                model="claude-haiku-4-5",
+                model=DEMO_MODEL,
                 max_tokens=200,
                 system=system,
                 messages=[{"role": "user", "content": question}],
@@ -74,7 +76,9 @@ def run_demo(url: str | None = None, *, latency: float = 0.8, out: TextIO = sys.
             elapsed = (time.perf_counter() - started) * 1000
             rows.append(Row(who, question, streamed, tag, elapsed, usage.input_tokens, usage.output_tokens))
         provider_calls = provider.call_count
+        stats = session.stats
     _print_table(rows, provider_calls, out)
+    _print_dollars(stats, out)
     return rows
 
 
@@ -98,3 +102,13 @@ def _print_table(rows: list[Row], provider_calls: int, out: TextIO) -> None:
         miss_ms, hit_ms = sum(misses) / len(misses), sum(hits) / len(hits)
         speedup = miss_ms / hit_ms
         print(f"A miss took {miss_ms:.0f} ms on average, a hit {hit_ms:.2f} ms: {speedup:,.0f}x faster.", file=out)
+
+
+def _print_dollars(stats: Stats, out: TextIO) -> None:
+    """What the provider was paid and what the cache saved, at the model's list price."""
+    saved_tokens = stats.saved_input_tokens + stats.saved_output_tokens
+    print(
+        f"Spent {money(stats.cost_usd)} at the provider; the cache saved {money(stats.saved_usd)} "
+        f"({plural(saved_tokens, 'token')}) at {DEMO_MODEL}'s list price.",
+        file=out,
+    )
