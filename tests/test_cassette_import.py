@@ -469,3 +469,32 @@ def test_cassetter_recordings_of_pydantic_ai_are_imported(tmp_path):
     )
     [(_, why)] = import_cassettes([path], url=store).unreadable
     assert "a response body of type 'binary'" in why
+
+
+KEYED_GET = """\
+version: 1
+interactions:
+- request:
+    body: null
+    headers: {}
+    method: GET
+    uri: https://generativelanguage.googleapis.com/v1beta/models?pageSize=50&key=AIzaSyNOT-A-REAL-KEY-0123456789
+  response:
+    status: {code: 200, message: OK}
+    headers:
+      Content-Type: [application/json]
+    body: {string: '{"models": []}'}
+"""
+
+
+def test_an_api_key_in_a_recorded_uri_is_never_printed(tmp_path, capsys):
+    """A cassette recorded without filtering Gemini's ?key=: the import's report and its CLI output mask it."""
+    (tmp_path / "gemini.yaml").write_text(KEYED_GET)
+    store = f"sqlite:///{tmp_path / 'cache.sqlite3'}"
+    report = import_cassettes([tmp_path], url=store, namespace="ns")
+    [skipped] = report.skipped
+    assert skipped.uri == "https://generativelanguage.googleapis.com/v1beta/models?pageSize=50&key=***"
+    assert cli_main(["import-cassettes", str(tmp_path), "--url", store, "--namespace", "ns"]) == 0
+    printed = capsys.readouterr()
+    assert "key=***" in printed.out
+    assert "AIzaSy" not in printed.out + printed.err

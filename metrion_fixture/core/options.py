@@ -621,6 +621,15 @@ def has_unencoded_userinfo(url: str) -> bool:
     return span is not None and not _URL_CUTS.isdisjoint(url[span[0] : span[1]])
 
 
+# An API key in a request URL's query (Gemini's ``?key=``, some gateways' ``api_key`` / ``token``).
+_KEY_IN_QUERY = re.compile(r"([?&](?:key|api[-_]key|token)=)[^&\s]*", re.IGNORECASE)
+
+
+def mask_query_keys(text: str) -> str:
+    """A request URL (or a line holding one) fit to print: API keys in its query replaced by ``***``."""
+    return _KEY_IN_QUERY.sub(r"\1***", text)
+
+
 def mask_password(url: str) -> str:
     """A store URL fit to print: any password (in the userinfo or the query) replaced by ``***``.
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.flow import Tee
+from ..core.options import mask_query_keys
 from ..formats import WIRE_FORMATS
 from ..formats.sse import Event, SSEDecoder
 from ..runtime._sync.driver import drive, end_stream
@@ -231,7 +232,8 @@ def import_cassettes(
             continue
         report.cassettes.append(name)
         for request, response in interactions:
-            where = f"{name}: {str(request.method).upper()} {request.uri}"
+            uri = mask_query_keys(str(request.uri))  # printed: an unfiltered Gemini ?key= stays out of CI logs
+            where = f"{name}: {str(request.method).upper()} {uri}"
             outcome = import_interaction(session, request, response)
             if isinstance(outcome, _Stored):
                 earlier = stored.get(outcome.storage_key)
@@ -241,7 +243,7 @@ def import_cassettes(
             elif outcome is _STORE_FAILED:
                 report.store_failures += 1
             else:
-                report.skipped.append(Skipped(name, str(request.method).upper(), str(request.uri), outcome))
+                report.skipped.append(Skipped(name, str(request.method).upper(), uri, outcome))
     report.imported = len(stored)
     return report
 

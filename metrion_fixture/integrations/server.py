@@ -30,7 +30,7 @@ import httpx2
 from ..core.directives import MODE_HEADER
 from ..core.engine import Reply
 from ..core.flow import Answer, PassThrough
-from ..core.options import mask_password
+from ..core.options import mask_password, mask_query_keys
 from ..errors import MetrionCacheError
 from ..formats import wire_format_for
 from ..runtime._async.driver import drive as adrive
@@ -116,8 +116,6 @@ _JSON = [(b"content-type", b"application/json")]
 _NO_RETRY = (b"x-should-retry", b"false")
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 # Gemini's ?key=, and the dashboard's ?token= (a browser's first visit cannot send the header).
-_KEY_IN_QUERY = re.compile(r"([?&](?:key|api[-_]key|token)=)[^&\s]*", re.IGNORECASE)
-
 log = logging.getLogger("metrion_fixture.proxy")
 
 
@@ -217,10 +215,10 @@ class ProxyApp:
         except _ClientGone:
             return
         except httpx2.InvalidURL as error:
-            message = f"metrion proxy: cannot forward to {_masked(url)!r}: {error}"
+            message = f"metrion proxy: cannot forward to {mask_query_keys(url)!r}: {error}"
             return await _send_error(send, 400, message, method, path, "invalid_request_error")
         except Exception as error:  # a bug here must still answer in the provider's shape, and be logged
-            log.exception("%s %s failed", method, _masked(url))
+            log.exception("%s %s failed", method, mask_query_keys(url))
             message = f"metrion proxy: internal error ({type(error).__name__}: {error})"
             return await _send_error(send, 500, message, method, path, "api_error", retry=True)
         if isinstance(outcome, Answer):  # a hit or the cache's own error: no httpx2 objects at all
@@ -231,7 +229,7 @@ class ProxyApp:
                 f"metrion proxy: could not reach the provider at {base} ({type(failure).__name__}: {failure}); "
                 "check that it is up and that this machine can reach it"
             )
-            log.warning("%s %s: %s", method, _masked(url), message)
+            log.warning("%s %s: %s", method, mask_query_keys(url), message)
             tags = [(_encoded(name), _encoded(value)) for name, value in outcome.tags]
             return await _send_error(send, upstream.status, message, method, path, "api_error", retry=True, tags=tags)
 
@@ -446,17 +444,12 @@ async def _send_error(
     await _send_json(send, status, body, extra if retry else [*extra, _NO_RETRY])
 
 
-def _masked(text: str) -> str:
-    """A URL or log line without an API key in its query (Gemini's ``?key=``)."""
-    return _KEY_IN_QUERY.sub(r"\1***", text)
-
-
 class _MaskKeys(logging.Filter):
     """uvicorn's access log prints the query: keep API keys (``?key=``) out of it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(_masked(arg) if isinstance(arg, str) else arg for arg in record.args)
+            record.args = tuple(mask_query_keys(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
 
 
