@@ -147,7 +147,7 @@ def expected(records: list[dict[str, Any]], since: float | None) -> dict[str, An
 def get(app, path: str, **headers: str) -> httpx.Response:
     async def go() -> httpx.Response:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://dashboard.test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8788") as client:
             return await client.get(path, headers=headers)
 
     return asyncio.run(go())
@@ -317,6 +317,32 @@ def test_a_token_guards_the_page_and_the_json(url):
     assert get(app, "/_metrion/").status_code == 401
 
 
+def test_without_a_token_only_this_machines_names_and_pages_are_answered(run, run_url):
+    """DNS rebinding: a page whose name is re-pointed at 127.0.0.1 must not read the prompts and answers."""
+    record = run[0]
+    call = f"/_metrion/api/call?namespace={record['namespace']}&wire_format={record['wire_format']}&key={record['key']}"
+    dashboard_app = DashboardApp(open_store(run_url))
+    proxy_app = ProxyApp(metrion_fixture.CacheSession(run_url))
+    for app in (dashboard_app, proxy_app):
+        for path in ("/_metrion/", "/_metrion/api/logs", call):
+            for host in ("evil.example", "evil.example:8788", "localhost.evil.example", "127.0.0.1.nip.io:8788"):
+                refused = get(app, path, host=host)
+                assert refused.status_code == 403, (path, host)
+                assert "without a token" in refused.json()["error"]["message"]
+            for host in ("localhost", "LOCALHOST:8788", "127.0.0.1:8788", "[::1]:8788"):
+                assert get(app, path, host=host).status_code == 200, (path, host)
+            cross_site = get(app, path, host="127.0.0.1:8788", origin="http://evil.example")
+            assert cross_site.status_code == 403 and "evil.example" in cross_site.json()["error"]["message"]
+            assert get(app, path, host="127.0.0.1:8788", origin="http://127.0.0.1:8788").status_code == 200
+        assert get(app, "/_metrion/health", host="evil.example").status_code == 200, "health tells nothing"
+    # With a token, the token is the guard (a proxy on a LAN name is reached by that name).
+    guarded = DashboardApp(open_store(run_url), token="tok")
+    assert (
+        get(guarded, "/_metrion/api/logs", host="cache.lan:8788", **{"x-metrion-proxy-token": "tok"}).status_code == 200
+    )
+    assert get(guarded, "/_metrion/api/logs", host="cache.lan:8788").status_code == 401
+
+
 def test_serve_answers_the_dashboard_beside_its_routes(run, run_url):
     """metrion-cache serve's app hands /_metrion/ to the dashboard, with the proxy's token; health stays open."""
     session = metrion_fixture.CacheSession(run_url)
@@ -337,7 +363,7 @@ def test_serve_shows_its_own_calls_before_its_ledger_batch_is_written(provider, 
 
     async def go() -> tuple[list[str], dict[str, Any], dict[str, Any]]:
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://proxy.test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8787") as client:
             tags = []
             for _ in range(2):
                 response = await client.post("/openai/v1/chat/completions", json=body)

@@ -11,6 +11,9 @@ thread, so a slow store never holds up the proxy's event loop.
 
 With a token, every request must bring it: in the ``x-metrion-proxy-token`` header (the page's
 own requests do), or as ``?token=`` (a browser's first visit to the page cannot send a header).
+Without one (it then listens on this machine only), it answers only a ``Host`` of localhost, 127.0.0.1
+or [::1], and no other site's ``Origin``: a web page whose name an attacker re-points at 127.0.0.1
+(DNS rebinding) would otherwise read every prompt and answer.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from ..core.options import mask_password
 from ..errors import MetrionCacheError
@@ -38,6 +41,7 @@ PREFIX = "/_metrion/"
 API_PREFIX = PREFIX + "api/"
 DEFAULT_DASHBOARD_PORT = 8788
 _TOKEN_HEADER = b"x-metrion-proxy-token"  # the proxy's (server.TOKEN_HEADER): one token for both
+_LOCAL_HOSTNAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 # The page's own data comes from this origin only; no script, style or image from anywhere else.
 _PAGE_HEADERS = [
     (b"content-type", b"text/html; charset=utf-8"),
@@ -83,6 +87,9 @@ class DashboardApp:
             return
         path: str = scope["path"]
         query = {name: values[-1] for name, values in parse_qs(scope.get("query_string", b"").decode()).items()}
+        refusal = self._foreign_site(scope) if self.token is None and path != PREFIX + "health" else None
+        if refusal:
+            return await _send_json(send, 403, _error(refusal, "forbidden"))
         if not self._allowed(scope, query):
             return await _send_json(
                 send, 401, _error("this dashboard needs its token: open it as /_metrion/?token=TOKEN", "authentication")
@@ -112,6 +119,21 @@ class DashboardApp:
             return await _send_json(send, 503, _error(message, "store"))
         await _send_json(send, 200, body)
 
+    @staticmethod
+    def _foreign_site(scope: Scope) -> str | None:
+        """Why a request without a token comes from another site (DNS rebinding, cross-site), or None."""
+        headers = {name: value.decode("latin-1") for name, value in scope["headers"] if name in (b"host", b"origin")}
+        host = headers.get(b"host", "")
+        if not _local_hostname("//" + host):
+            return (
+                f"refusing Host {host!r}: without a token this dashboard answers only localhost, 127.0.0.1 "
+                "or [::1] (another name may be a web page re-pointed here); open it as http://127.0.0.1:PORT/_metrion/"
+            )
+        origin = headers.get(b"origin")
+        if origin is not None and not _local_hostname(origin):
+            return f"refusing a request from the page at {origin!r}: without a token only this machine's pages may read"
+        return None
+
     def _allowed(self, scope: Scope, query: dict[str, str]) -> bool:
         if self.token is None:
             return True
@@ -139,6 +161,16 @@ class DashboardApp:
             raise ValueError(f"api/call needs {', '.join(missing)}")
         stream = query.get("stream", "0") in ("1", "true")
         return dashboard.call_detail(self.store, query["namespace"], query["wire_format"], stream, query["key"])
+
+
+def _local_hostname(address: str) -> bool:
+    """``address`` (``//host:port`` or an Origin) names this machine by a name no DNS answer can change."""
+    try:
+        parts = urlsplit(address)
+        parts.port  # noqa: B018 - a port that is not a number is not ours either (ValueError)
+    except ValueError:
+        return False
+    return parts.hostname in _LOCAL_HOSTNAMES and not parts.username and not parts.password
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:
