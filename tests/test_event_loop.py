@@ -416,6 +416,24 @@ def test_the_ledger_thread_retries_a_failed_batch_and_never_writes_it_twice() ->
     assert len(read_records(store, "retry")) == ledger.BATCH_SIZE
 
 
+def test_a_retried_batch_holds_only_its_own_records_so_a_period_never_skips_newer_ones() -> None:
+    """A write that failed after reaching the store is retried under its key with the same records;
+    records added since go under a newer key, or ``since`` (which skips batches by their key's time)
+    would drop them."""
+    store = FailingOnce(after_storing=True)
+    sink = StoredLedger(store, "period", retention_seconds())
+    sink.add(call_record(0))
+    assert sink.flush() == 0  # failed, though it reached the store
+    time.sleep(0.01)
+    since = time.time()
+    newer = call_record(1)  # at >= since
+    sink.add(newer)
+    assert sink.flush() == 2 and sink.pending == []
+    assert len(store.keys(f"{PREFIX}period:")) == 2
+    assert [record["latency"] for record in read_records(store, "period")] == [0.0, 1.0], "nothing counted twice"
+    assert [record["latency"] for record in read_records(store, "period", since=since)] == [1.0]
+
+
 def test_a_flush_on_an_event_loop_is_left_to_the_ledger_thread() -> None:
     """flush() on a loop's thread returns at once; the ledger thread writes the records soon after."""
     store = MemoryStore(f"memory://{uuid.uuid4().hex}")

@@ -73,7 +73,8 @@ class StoredLedger:
         self._wanted = False  # everything pending should be written, not only full batches
         # The key of a write that failed: it may have reached the store all the same (a Redis
         # timeout after the SET), so the retry of the same records overwrites it, never adds to it.
-        self._unsure: tuple[CallRecord, str] | None = None
+        # (its first record, its key, how many records it held)
+        self._unsure: tuple[CallRecord, str, int] | None = None
         with _open_lock:
             _open.add(self)
 
@@ -128,31 +129,36 @@ class StoredLedger:
                     batch = self.pending[:count]
                 if not batch or (count < BATCH_SIZE and not everything):
                     break
-                if not self._write_batch(batch):
+                done = self._write_batch(batch)
+                if not done:
                     self._failures += 1
                     self._retry_at = time.monotonic() + min(RETRY_AT_MOST, WRITE_EVERY * 2 ** (self._failures - 1))
                     self._wanted = self._wanted or everything
                     _thread.wake()  # make sure there is a thread to try again
                     return written
                 with self._lock:
-                    del self.pending[:count]
-                written += count
+                    del self.pending[:done]
+                written += done
             self._failures = 0
         return written
 
-    def _write_batch(self, batch: list[CallRecord]) -> bool:
+    def _write_batch(self, batch: list[CallRecord]) -> int:
+        """Write the batch's first records as one stored batch; return how many (0: none, try again)."""
         if self._allow is not None and not self._allow():
-            return False
-        value = _encode(batch)
+            return 0
         if self._unsure is not None and self._unsure[0] is batch[0]:
-            key = self._unsure[1]
+            # A write that may have landed: the same records again under the same key, so none is
+            # counted twice. Only those: a record added since is newer than the key's time stamp,
+            # which readers trust to skip whole batches older than a period (batch_written_at).
+            _, key, size = self._unsure
+            batch = batch[:size]
         else:
             key = f"{PREFIX}{self.namespace}:{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
-            self.store.set(key, value, self.retention)
+            self.store.set(key, _encode(batch), self.retention)
         except Exception:  # noqa: BLE001 - the ledger must never fail a caller
-            self._unsure = (batch[0], key)
-            return False
+            self._unsure = (batch[0], key, len(batch))
+            return 0
         self._unsure = None
         self._written += 1
         if self._written % _TRIM_EVERY == 0:
@@ -160,7 +166,7 @@ class StoredLedger:
                 trim(self.store, self.namespace)
             except Exception:  # noqa: BLE001, S110 - the batch is written; the next check trims
                 pass
-        return True
+        return len(batch)
 
     def _write_in_background(self) -> None:
         if not self.pending or time.monotonic() < self._retry_at:
