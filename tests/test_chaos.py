@@ -490,13 +490,22 @@ def test_the_near_cache_is_not_stale_after_swapdb(redis_chaos):
         assert store._near is not None and store._near.tracking and len(store._near._values) == 1  # kept in memory
         redis_chaos.client().swapdb(0, 1)
         swapped = time.monotonic()
+        # Each read with the time it started: a read that decides to serve memory does so within
+        # DB_CONFIRMED_FOR of a check sent before the swap, however late a loaded machine returns it.
+        # Generous: only the start times below are the promise. Reads go on for a second after the new
+        # answer first comes, to see the old one not return.
         seen: list[tuple[float, bytes | None]] = []
-        while time.monotonic() - swapped < DB_CONFIRMED_FOR + 2:
-            seen.append((time.monotonic() - swapped, store.get(key)))
+        new_since: float | None = None
+        while time.monotonic() - swapped < DB_CONFIRMED_FOR + 10 and (new_since is None or seen[-1][0] < new_since + 1):
+            started = time.monotonic() - swapped
+            seen.append((started, store.get(key)))
+            if new_since is None and seen[-1][1] == b"new":
+                new_since = started
             time.sleep(0.005)
         firsts = [index for index, (_, value) in enumerate(seen) if value == b"new"]
         assert firsts, f"the old database's answer was served for {seen[-1][0]:.1f} s after SWAPDB"
-        assert seen[firsts[0]][0] < DB_CONFIRMED_FOR + SLACK, seen[firsts[0]]
+        stale = [started for started, value in seen if value == b"old"]
+        assert not stale or max(stale) <= DB_CONFIRMED_FOR, f"a read started {max(stale):.2f} s after SWAPDB was stale"
         assert all(value == b"new" for _, value in seen[firsts[0] :]), "the old answer came back"
     finally:
         redis_chaos.client().swapdb(0, 1)
@@ -510,8 +519,11 @@ def test_the_near_cache_is_not_stale_after_swapdb(redis_chaos):
     redis_chaos.client().swapdb(0, 1)  # database 0 is now the empty database 1
     try:
         swapped = time.monotonic()
-        while ask(session, provider, asked).tag == "HIT":
-            assert time.monotonic() - swapped < DB_CONFIRMED_FOR + SLACK, "a stale answer was served after SWAPDB"
+        while True:
+            started = time.monotonic() - swapped
+            if ask(session, provider, asked).tag != "HIT":
+                break
+            assert started <= DB_CONFIRMED_FOR, f"a call started {started:.2f} s after SWAPDB was a stale HIT"
             time.sleep(0.01)
     finally:
         redis_chaos.client().swapdb(0, 1)
