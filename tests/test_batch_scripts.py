@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -212,6 +211,30 @@ def test_on_call_gets_each_calls_record_once_streams_and_hits_included(provider)
     assert seen[1] is session.calls[1]
 
 
+def test_on_call_gets_a_streamed_miss_once_with_its_tokens_not_before_it_ran(provider):
+    seen = []
+    with metrion_fixture.cache(f"memory://{uuid.uuid4().hex}", on_call=seen.append) as session:
+        call("anthropic", provider.url, model="claude-haiku-4-5", stream=True)
+    assert [(r.status, r.stream) for r in seen] == [("MISS", True)]
+    assert seen[0].output_tokens and seen[0].output_tokens > 0
+    assert seen[0].cost_usd and seen[0].cost_usd > 0
+    assert seen[0] is session.calls[0]
+
+
+def test_on_call_gets_an_abandoned_stream_once(provider):
+    seen = []
+    client = openai.OpenAI(base_url=provider.url + "/v1", api_key="sk-openai-test", max_retries=0)
+    with metrion_fixture.cache(f"memory://{uuid.uuid4().hex}", on_call=seen.append) as session:
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Left unread?"}], stream=True
+        )
+        next(iter(stream))
+        stream.close()
+        del stream
+    assert [(r.status, r.stream) for r in seen] == [("MISS", True)]
+    assert seen[0] is session.calls[0]
+
+
 def test_an_on_call_that_raises_is_warned_about_once_and_the_calls_go_on(provider):
     def broken(record):
         raise KeyError("bar closed")
@@ -252,22 +275,21 @@ def test_with_8_threads_provider_time_saved_overstates_the_wall_clock_gain(provi
 
     session = metrion_fixture.enable(f"memory://{uuid.uuid4().hex}", on_call=tick, report=False)
     try:
-        started = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(ask, questions))
-        cold_wall = time.monotonic() - started
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(ask, questions))
     finally:
         metrion_fixture.disable()
         provider.latency = 0.0
-    saved = session.stats.saved_seconds
+    saved, wall = session.stats.saved_seconds, session.wall_seconds
     assert moved == ["MISS"] * 8 + ["HIT"] * 8
-    assert saved >= 8 * 1.0, "the sum of the 8 answers' provider time"
-    assert saved > 2 * cold_wall, "yet the cold run on 8 threads took about 1 s of wall time, not 8"
-    line = summary_line(session.stats, session.wall_seconds)
-    assert (
-        f"provider time saved {duration(saved)} (summed over calls, which overlap when concurrent), wall time " in line
+    assert saved >= 8 * 1.0, "the sum of the 8 answers' provider time, though they overlapped"
+    # Not compared with a measured wall time (a loaded machine stretches it): the line names both.
+    line = summary_line(session.stats, wall)
+    assert line.endswith(
+        f"provider time saved {duration(saved)} (summed over calls, which overlap when concurrent), "
+        f"wall time {duration(wall)}"
     )
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..core.breaker import CircuitBreaker
 from ..core.engine import PlanMemo, Settings
 from ..core.entry import RecentEntries
-from ..core.flow import CacheCore, Outcome
+from ..core.flow import CacheCore, Outcome, Tee
 from ..core.options import (  # noqa: F401 - importable from here, as before
     DEFAULT_SINGLE_FLIGHT_WAIT,
     URL_ENV,
@@ -179,20 +179,30 @@ class CacheSession:
         if hasattr(self, "store_calls"):
             self._wire_store_calls()
 
-    def publish(self, record: CallRecord, replaces: CallRecord | None = None) -> CallRecord:
-        """Count a call and keep its record (in place of ``replaces``: a stream's, completed at its end)."""
+    def publish(self, record: CallRecord, replaces: CallRecord | None = None, *, final: bool = True) -> CallRecord:
+        """Count a call and keep its record (in place of ``replaces``: a stream's, completed at its end).
+
+        ``on_call`` hears of each call once, with its final record: a stream from the provider is
+        published with ``final=False`` when it starts (its tokens are not known yet), then again
+        completed at its end, or handed to :meth:`tell` if it ends without a completed record.
+        """
         sink = self.ledger.sink
         if replaces is None:
             self.ledger.record(record)
             if sink is not None:
                 sink.add(record)
-            if self.on_call is not None:
-                self._tell(record)
         else:
             self.ledger.amend(replaces, record)
             if sink is not None:
                 sink.replace(replaces, record)
+        if final:
+            self.tell(record)
         return record
+
+    def tell(self, record: CallRecord) -> None:
+        """Give ``on_call`` a call's final record (already counted)."""
+        if self.on_call is not None:
+            self._tell(record)
 
     def _tell(self, record: CallRecord) -> None:
         assert self.on_call is not None
@@ -211,7 +221,7 @@ class CacheSession:
     def publish_outcome(self, outcome: Outcome) -> Outcome:
         """Publish the call record of a request's final state; returns the state."""
         if outcome.record is not None:
-            self.publish(outcome.record)
+            self.publish(outcome.record, final=not isinstance(outcome, Tee))
         return outcome
 
     def __repr__(self) -> str:

@@ -90,12 +90,15 @@ async def drive(session: CacheSession, flow: Generator[Step, Any, Outcome], upst
 async def end_stream(session: CacheSession, tee: Tee, reached_eof: bool) -> None:
     """A recorded stream is over: store it if it is whole, complete its call record, give back its lock."""
     try:
+        first_end = not tee.recorder.done  # a stream may be ended twice (closed, then collected)
         end = session.core.end_stream(tee, reached_eof)
         if end.write is not None:
             await session.async_store_calls.write(*end.write)
         if end.record is not None:
             session.publish(end.record, replaces=tee.record)
             tee.record = end.record
+        elif first_end:
+            session.tell(tee.record)  # abandoned or broken: on_call still hears of it, once
     finally:
         release, tee.release = tee.release, None
         if release is not None:
