@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -550,24 +552,7 @@ def test_the_dashboard_in_a_real_browser(provider, url, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     records = make_run(provider, url)
-    port = free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("METRION_CACHE_", "METRION_PROXY_"))}
-    log = tempfile.TemporaryFile()
-    command = [sys.executable, "-m", "metrion_fixture.cli", "dashboard", "--url", url, "--port", str(port)]
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(base + "/_metrion/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"metrion-cache dashboard did not start: {log.read().decode()}")
-            time.sleep(0.1)
+    with dashboard_server(url) as base:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         with sync_playwright() as playwright:
             browser = launch_chromium(playwright)
@@ -627,6 +612,101 @@ def test_the_dashboard_in_a_real_browser(provider, url, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
             assert errors == []
             browser.close()
+
+
+@pytest.mark.slow
+def test_the_page_refreshes_by_itself_and_backs_off(url):
+    """The open page asks again every 10 s, and after a refresh that took D, not before 20 x D: an open tab
+    never keeps a large ledger's process busy. The page's clock is Playwright's, moved by hand: nothing
+    here depends on how fast this machine is."""
+    from playwright.sync_api import Route, sync_playwright
+
+    write_ledger(url, "evals", [earlier_call(0, "HIT")])
+    held: list[Route] = []
+    holding = False
+
+    def hold(route: Route) -> None:
+        if holding:
+            held.append(route)
+        else:
+            route.continue_()
+
+    with dashboard_server(url) as base, sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        page = browser.new_page()
+        # Counted in the page, as each request is made (the Python side hears of requests later).
+        page.add_init_script(
+            "window.asked = 0; const f = window.fetch; window.fetch = (...a) => (window.asked++, f(...a));"
+        )
+        page.clock.install()
+        page.clock.pause_at(time.time() * 1000 + 1000)  # from now on the page's time moves only when told
+        page.route("**/_metrion/api/**", hold)
+        page.goto(base + "/_metrion/")
+        page.wait_for_selector("body[data-loaded='1']")
+
+        def asked() -> int:
+            return int(page.evaluate("window.asked"))
+
+        def settled(before: str) -> None:
+            """Wait for the refresh in flight to end (it shows the page's time), so its next timer is set."""
+            deadline = time.monotonic() + 60
+            while page.locator("#updated").inner_text() == before:
+                if time.monotonic() > deadline:
+                    pytest.fail("the refresh did not end")
+                page.wait_for_timeout(50)
+
+        assert asked() == 2  # savings and logs
+        page.clock.run_for(9_000)
+        assert asked() == 2, "not before 10 s"
+        updated = page.locator("#updated").inner_text()
+        holding = True
+        page.clock.run_for(1_000)
+        assert asked() == 4, "a refresh at 10 s"
+        deadline = time.monotonic() + 60
+        while len(held) < 2:  # the refresh's requests are held: it takes 2 s of the page's time
+            if time.monotonic() > deadline:
+                pytest.fail(f"{len(held)} of the refresh's 2 requests reached the route")
+            page.wait_for_timeout(50)
+        page.clock.run_for(2_000)
+        holding = False
+        for route in held:
+            route.continue_()
+        settled(updated)
+        updated = page.locator("#updated").inner_text()
+        page.clock.run_for(39_000)
+        assert asked() == 4, "after a refresh of 2 s, the next one waits 40 s"
+        page.clock.run_for(1_000)
+        assert asked() == 6
+        settled(updated)  # a quick refresh (no time passed): back to every 10 s
+        page.clock.run_for(9_000)
+        assert asked() == 6
+        page.clock.run_for(1_000)
+        assert asked() == 8
+        browser.close()
+
+
+@contextmanager
+def dashboard_server(url: str) -> Iterator[str]:
+    """``metrion-cache dashboard`` in a process of its own, as a user starts it; yields its address."""
+    port = free_port()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("METRION_CACHE_", "METRION_PROXY_"))}
+    log = tempfile.TemporaryFile()
+    command = [sys.executable, "-m", "metrion_fixture.cli", "dashboard", "--url", url, "--port", str(port)]
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=clean, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if requests.get(base + "/_metrion/health", timeout=1).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"metrion-cache dashboard did not start: {log.read().decode()}")
+            time.sleep(0.1)
+        yield base
     finally:
         server.terminate()
         server.wait(timeout=30)
