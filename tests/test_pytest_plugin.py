@@ -520,6 +520,31 @@ def test_pytest_start_up_imports_no_http_or_redis_client(pytester, monkeypatch):
     assert "LOADED: none" in result.stdout.str()
 
 
+LONG_ID = """
+import pytest
+
+from llm import ask_openai
+
+
+@pytest.mark.parametrize("question", ["Do you ship abroad?"], ids=["abroad-" + "x" * 293])
+def test_long_id(metrion_cache, request, question):
+    assert ask_openai(question)
+    nodeid = request.node.nodeid
+    assert len(nodeid) > 300
+    # Cut in the middle to 200 characters: the file and test at the start, the parameter's end at the end.
+    expected = nodeid[:99] + "\u2026" + nodeid[-100:]
+    assert [call.source for call in metrion_cache.calls] == [expected]
+"""
+
+
+def test_a_test_with_a_long_node_id_runs_and_its_records_name_it_cut(suite, provider):
+    """The node id is the records' source, and a source holds 200 characters: a long id is cut, never an error."""
+    suite.makepyfile(test_long=LONG_ID)
+    result, calls = run(suite, provider, f"--metrion-cache-url=memory://{uuid.uuid4().hex}")
+    result.assert_outcomes(passed=1)
+    assert calls == 1
+
+
 PRICED = """
 import os
 

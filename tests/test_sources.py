@@ -99,6 +99,21 @@ def test_without_a_source_a_session_in_a_test_names_the_test(memory_url, provide
     assert [r.source for r in session.calls] == [request.node.nodeid]
 
 
+def test_a_long_or_multi_line_test_name_is_cut_to_a_source_the_option_accepts(memory_url, provider):
+    name = "test_long.py::test_answer[line one\nline two-" + "x" * 300 + "-end]"
+    with metrion_fixture.cache(memory_url) as session:
+        sources.enter(name)
+        try:
+            call("openai", provider.url)
+        finally:
+            sources.leave(name)
+    (record,) = session.calls
+    assert len(record.source) == 200 and "\n" not in record.source
+    assert record.source.startswith("test_long.py::test_answer[line one line two-xxx")
+    assert record.source.endswith("xxx-end]") and "\u2026" in record.source
+    assert metrion_fixture.CacheSession(memory_url, source=record.source).source == record.source
+
+
 @pytest.fixture
 def memory_url() -> str:
     return f"memory://{uuid.uuid4().hex}"

@@ -214,11 +214,13 @@ class _State:
         pytest.fail(problem, pytrace=False)  # outside the except block: no chained traceback
 
     def open_session(self, resolved: ResolvedOptions, nodeid: str = "") -> CacheSession:
+        from ..runtime import sources
         from ..runtime.session import CacheSession
 
         options = resolved.options
         if options.source is None and nodeid:
-            options = options.replace(source=nodeid)  # the test's records name it; a given source wins
+            # The test's records name it (cut to what a source holds); a given source wins.
+            options = options.replace(source=sources.fit(nodeid))
         problem = None
         try:
             session = CacheSession(options=options)

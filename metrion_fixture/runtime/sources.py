@@ -16,6 +16,8 @@ import threading
 import weakref
 from typing import Any
 
+from ..core.options import MAX_SOURCE_CHARS
+
 _lock = threading.Lock()
 _following: weakref.WeakSet[Any] = weakref.WeakSet()  # sessions (this module imports none)
 _contexts: list[str] = []  # what surfaces said is running, innermost last
@@ -47,6 +49,19 @@ def script_name(argv: list[str] | None = None) -> str:
     return os.path.basename(first) or first
 
 
+def fit(name: str) -> str:
+    """``name`` as a ``source`` accepts it: on one line of printable characters, at most ``MAX_SOURCE_CHARS``.
+
+    A long name (a test's node id with a long parameter) loses its middle, not its ends: the start
+    names the file and test, the end tells its parameters apart.
+    """
+    text = "".join(char if char.isprintable() else " " for char in name).strip()
+    if len(text) <= MAX_SOURCE_CHARS:
+        return text
+    head = (MAX_SOURCE_CHARS - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (MAX_SOURCE_CHARS - 1 - head) :]}"
+
+
 def follow(session: Any) -> None:
     """Rename ``session``'s source whenever a new test or cell starts."""
     with _lock:
@@ -55,6 +70,7 @@ def follow(session: Any) -> None:
 
 def enter(name: str) -> None:
     """A test or a cell named ``name`` starts: sessions that follow take its name until :func:`leave`."""
+    name = fit(name)
     with _lock:
         _contexts.append(name)
         following = list(_following)
@@ -64,6 +80,7 @@ def enter(name: str) -> None:
 
 def leave(name: str) -> None:
     """The test or cell ``name`` ended: following sessions take the name of what runs around it, if anything."""
+    name = fit(name)
     with _lock:
         for index in range(len(_contexts) - 1, -1, -1):
             if _contexts[index] == name:
