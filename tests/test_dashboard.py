@@ -32,7 +32,7 @@ import metrion_fixture
 from metrion_fixture.cli import main
 from metrion_fixture.integrations.dashboard import DashboardApp
 from metrion_fixture.integrations.server import ProxyApp
-from metrion_fixture.reporting.reports import dollars, duration, tokens
+from metrion_fixture.reporting.reports import dollars, duration, plural, tokens
 from metrion_fixture.runtime.ledger import PREFIX, read_records, trim
 from metrion_fixture.stores import open_store
 from metrion_fixture.testing.provider import make_answer
@@ -510,7 +510,10 @@ def launch_chromium(playwright):
 
 
 def card_figures(page) -> dict[str, str]:
-    names = ("saved-usd", "saved-tokens", "saved-input", "saved-output", "saved-time", "hit-rate", "hits", "misses")
+    names = (
+        *("saved-usd", "saved-tokens", "saved-input", "saved-output", "saved-time", "hit-rate"),
+        *("hits", "hits-word", "misses", "misses-word"),
+    )
     return {name: page.locator(f"#{name}").inner_text() for name in names}
 
 
@@ -524,6 +527,9 @@ def want_figures(want: dict[str, Any]) -> dict[str, str]:
         "hit-rate": f"{want['hit_rate']:.0%}",
         "hits": f"{want['hits']:,}",
         "misses": f"{want['misses']:,}",
+        # the card's nouns agree with its counts ("1 hit", "2 misses"), as reports.plural writes them
+        "hits-word": plural(want["hits"], "hit").split(" ", 1)[1],
+        "misses-word": plural(want["misses"], "miss").split(" ", 1)[1],
     }
 
 
