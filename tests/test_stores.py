@@ -486,3 +486,83 @@ def test_a_password_a_url_would_cut_is_refused_without_showing_it(scheme: str, p
     assert "percent-encode" in message and f"{scheme}://user:***@localhost:6390/0" in message
     for fragment in (password, password[:4], password[-6:]):
         assert fragment not in message
+
+
+# -- the hit path polls its socket before a blocking read --------------------------------------------
+
+
+class _Conn:
+    def __init__(self, sock: object) -> None:
+        self._sock = sock
+
+
+def test_a_reply_waited_for_by_polling_first_and_not_once_replies_come_late(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Waking a blocked thread costs about a loopback round trip, so a hit first polls its socket; a
+    Redis whose replies do not come within the window (another host, a busy machine) stops that."""
+    import select
+    import socket
+
+    from metrion_fixture.stores import redis as redis_store
+
+    polled: list[object] = []
+    real_poll = select.poll
+
+    class CountingPoll:
+        def __init__(self) -> None:
+            self._poll = real_poll()
+            polled.append(self)
+
+        def register(self, *args: object) -> None:
+            self._poll.register(*args)
+
+        def poll(self, timeout: int) -> list[tuple[int, int]]:
+            return self._poll.poll(timeout)
+
+    monkeypatch.setattr(redis_store.select, "poll", CountingPoll)
+    store = RedisStore("redis://127.0.0.1:1/0")
+    ours, theirs = socket.socketpair()
+    try:
+        conn = _Conn(ours)
+        theirs.sendall(b"+OK\r\n")  # a reply that is already there: found by the poll
+        for _ in range(20):
+            store._await_reply(conn)  # type: ignore[arg-type]
+        assert len(polled) == 20 and store._poll_score == redis_store._SCORE_MAX
+        ours.recv(64)
+
+        # No reply within the window, again and again: the score drains, then reads block at once.
+        misses = 0
+        while store._poll_score > 0:
+            store._await_reply(conn)  # type: ignore[arg-type]
+            misses += 1
+        assert misses == redis_store._SCORE_MAX // redis_store._MISS_COST
+        before = len(polled)
+        for _ in range(redis_store._RETRY_EVERY - 1):
+            store._await_reply(conn)  # type: ignore[arg-type]
+        assert len(polled) == before  # no poll at all while it is off
+
+        # Every _RETRY_EVERY-th read tries the window again; a reply within it turns polling back on.
+        theirs.sendall(b"+OK\r\n")
+        store._await_reply(conn)  # type: ignore[arg-type]
+        assert len(polled) == before + 1 and store._poll_score > 0
+        store._await_reply(conn)  # type: ignore[arg-type]
+        assert len(polled) == before + 2
+    finally:
+        ours.close()
+        theirs.close()
+        store.close()
+
+
+def test_hits_read_right_whether_the_socket_is_polled_first_or_not(p: str) -> None:
+    store = RedisStore(REDIS_URL + "?near_cache=off")
+    try:
+        values = {f"{p}{index}": os.urandom(index * 97 + 1) for index in range(40)}
+        for key, value in values.items():
+            store.set(key, value, 60)
+        for score in (8, -100):  # polling on; off (40 reads, none of them a retry of the window)
+            store._poll_score, store._poll_skipped = score, 0
+            assert [store.get(key) for key in values] == list(values.values())
+            assert store.acquire_and_get(f"{p}lock", "t", 1000, tuple(values)[:3]) == (True, list(values.values())[:3])
+            store.release(f"{p}lock", "t")
+    finally:
+        store.delete_prefix(p)
+        store.close()

@@ -6,7 +6,9 @@ import asyncio
 import math
 import os
 import re
+import select
 import threading
+import time
 import weakref
 from collections.abc import AsyncGenerator, Iterator
 from typing import Any
@@ -41,6 +43,19 @@ _IDLE_MAX = 64  # idle connections get() keeps; more concurrent threads open and
 # Delete a lock only if it still holds our token: an expired lock re-taken by another caller stays.
 _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+
+# A blocking read puts the thread to sleep until the reply arrives, and waking it costs about as much
+# again as a loopback round trip (measured here: a GET 58 us blocking, 23-40 us when the socket is
+# polled instead). So a hit-path read first polls its socket for up to _POLL_FOR, then blocks as
+# before. Replies that rarely come that soon (a Redis on another host, a busy machine) turn the
+# polling off: each miss of the window costs _MISS_COST points, each reply within it earns one
+# (up to _SCORE_MAX), and at zero or below a thread blocks at once, trying the window again every
+# _RETRY_EVERY reads.
+_POLL_FOR = 0.0001
+_CAN_POLL = hasattr(select, "poll")  # not on Windows: reads block at once there
+_SCORE_MAX = 16
+_MISS_COST = 4
+_RETRY_EVERY = 64
 
 
 _SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
@@ -122,6 +137,7 @@ class RedisStore(Store):
         self._client: redis.Redis | None = None
         self._idle: list[redis.connection.AbstractConnection] = []  # for get(): see there
         self._idle_pid = os.getpid()
+        self._poll_score, self._poll_skipped = 1, 0  # see _POLL_FOR
         self._aclients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, AsyncGenerator[None, None]]
         ] = weakref.WeakKeyDictionary()
@@ -203,6 +219,7 @@ class RedisStore(Store):
             conn = pool.make_connection()  # type: ignore[assignment]
         try:
             conn.send_packed_command(conn.pack_commands(commands))
+            self._await_reply(conn)
             replies = [conn.read_response() for _ in commands]
         except BaseException:
             # Whatever broke (timeout, reset, interrupt), the connection may hold half a reply.
@@ -216,6 +233,25 @@ class RedisStore(Store):
                 conn.disconnect()
         self._answered = True
         return replies
+
+    def _await_reply(self, conn: redis.connection.AbstractConnection) -> None:
+        """Poll ``conn``'s socket for a moment before its blocking read (see _POLL_FOR)."""
+        score = self._poll_score
+        if score <= 0:
+            self._poll_skipped += 1
+            if self._poll_skipped % _RETRY_EVERY:
+                return
+        sock = getattr(conn, "_sock", None)
+        if sock is None or not _CAN_POLL:
+            return
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        deadline = time.perf_counter() + _POLL_FOR
+        while not poller.poll(0):
+            if time.perf_counter() >= deadline:
+                self._poll_score = max(score, 0) - _MISS_COST
+                return
+        self._poll_score = min(max(score, 0) + 1, _SCORE_MAX)
 
     def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
         try:
