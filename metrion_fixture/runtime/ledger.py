@@ -40,7 +40,6 @@ MAX_PENDING = 64 * BATCH_SIZE  # per session, while the store fails: a few MB at
 WRITE_EVERY = 1.0  # seconds between the ledger thread's looks for batches to write or to retry
 RETRY_AT_MOST = 30.0  # seconds: the longest wait between two tries of a store that keeps failing
 _TRIM_EVERY = 64  # batches written by this process between two checks of the bound
-_YIELD_EVERY = 32  # records encoded between two chances for other threads to run
 
 _open: weakref.WeakSet[StoredLedger] = weakref.WeakSet()
 _open_lock = threading.Lock()  # the ledger thread lists _open while requests open sessions
@@ -63,7 +62,10 @@ class StoredLedger:
     def __init__(self, store: Store, namespace: str, retention: int, allow: Callable[[], bool] | None = None) -> None:
         self.store, self.namespace, self.retention = store, namespace, retention
         self._allow = allow  # the session's circuit breaker: a store known to be down is not waited on
-        self.pending: list[CallRecord] = []
+        # Each record with its JSON line, encoded by the caller that adds it (3 us): encoding a batch of
+        # 256 on the ledger thread held the GIL for 0.8 ms at a time, which the requests of a busy loop
+        # waited for (their p99; benchmarks/README.md, issue 15).
+        self.pending: list[tuple[CallRecord, str]] = []
         self.dropped = 0  # records never written: beyond MAX_PENDING while the store failed
         self._lock = threading.Lock()  # guards pending
         self._writing = threading.Lock()  # one writer at a time: the ledger thread or flush()
@@ -74,18 +76,19 @@ class StoredLedger:
         # The key of a write that failed: it may have reached the store all the same (a Redis
         # timeout after the SET), so the retry of the same records overwrites it, never adds to it.
         # (its first record, its key, how many records it held)
-        self._unsure: tuple[CallRecord, str, int] | None = None
+        self._unsure: tuple[tuple[CallRecord, str], str, int] | None = None
         with _open_lock:
             _open.add(self)
 
     def add(self, record: CallRecord) -> None:
         if not self.retention or not record.key:
             return  # no ledger, or a call that never became an LLM request (kept out of the totals)
+        line = _line(vars(record))
         with self._lock:
             if len(self.pending) >= MAX_PENDING:
                 self.dropped += 1
                 return
-            self.pending.append(record)
+            self.pending.append((record, line))
             full = len(self.pending) % BATCH_SIZE == 0
         if full:
             _thread.wake()
@@ -94,13 +97,14 @@ class StoredLedger:
         """The records not yet in the store, as :func:`read_records` gives them (a live dashboard adds them)."""
         with self._lock:
             pending = list(self.pending)
-        return [{**vars(record), "namespace": self.namespace} for record in pending]
+        return [{**vars(record), "namespace": self.namespace} for record, _ in pending]
 
     def replace(self, old: CallRecord, new: CallRecord) -> None:
+        line = _line(vars(new))
         with self._lock:
             for index in range(len(self.pending) - 1, -1, -1):
-                if self.pending[index] is old:
-                    self.pending[index] = new
+                if self.pending[index][0] is old:
+                    self.pending[index] = (new, line)
                     return
 
     def flush(self) -> int:
@@ -142,7 +146,7 @@ class StoredLedger:
             self._failures = 0
         return written
 
-    def _write_batch(self, batch: list[CallRecord]) -> int:
+    def _write_batch(self, batch: list[tuple[CallRecord, str]]) -> int:
         """Write the batch's first records as one stored batch; return how many (0: none, try again)."""
         if self._allow is not None and not self._allow():
             return 0
@@ -180,17 +184,13 @@ class StoredLedger:
         self._failures, self._retry_at, self._wanted, self._unsure = 0, 0.0, False, None
 
 
-def _encode(batch: list[CallRecord]) -> bytes:
-    lines = []
-    for number, record in enumerate(batch, 1):
-        # vars(), not dataclasses.asdict(): a record holds only flat values, and asdict's deep copy
-        # cost more per record than the rest of a hit.
-        lines.append(json.dumps(vars(record), separators=(",", ":")))
-        if number % _YIELD_EVERY == 0:
-            # Let other threads have the GIL: a whole batch takes milliseconds, which a request (or an
-            # event loop) would otherwise wait for.
-            time.sleep(0)
-    return "\n".join(lines).encode()
+# vars(), not dataclasses.asdict(): a record holds only flat values, and asdict's deep copy cost more
+# per record than the rest of a hit. One encoder for every line: json.dumps builds one per call.
+_line = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _encode(batch: list[tuple[CallRecord, str]]) -> bytes:
+    return "\n".join(line for _, line in batch).encode()
 
 
 class _LedgerThread:

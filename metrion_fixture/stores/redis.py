@@ -242,8 +242,8 @@ class RedisStore(Store):
             if self._poll_skipped % _RETRY_EVERY:
                 return
         sock = getattr(conn, "_sock", None)
-        if sock is None or not _CAN_POLL:
-            return
+        if sock is None or not _CAN_POLL or (hasattr(sock, "pending") and sock.pending()):
+            return  # TLS: bytes already decrypted are ready, and polling the socket cannot see them
         poller = select.poll()
         poller.register(sock, select.POLLIN)
         deadline = time.perf_counter() + _POLL_FOR
