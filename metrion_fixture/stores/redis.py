@@ -201,7 +201,7 @@ class RedisStore(Store):
                 return value
         return self._pipelined(("GET", key))[0]
 
-    def _pipelined(self, *commands: tuple[Any, ...]) -> list[Any]:
+    def _pipelined(self, *commands: tuple[Any, ...], poll: bool = True) -> list[Any]:
         # The hit path: commands pipelined on a connection of our own idle stack, skipping the
         # client's per-command machinery (pool lock and socket poll, retry and metrics wrappers),
         # which costs about as much as the round trip itself. Same connections, options and errors.
@@ -219,7 +219,8 @@ class RedisStore(Store):
             conn = pool.make_connection()  # type: ignore[assignment]
         try:
             conn.send_packed_command(conn.pack_commands(commands))
-            self._await_reply(conn)
+            if poll:
+                self._await_reply(conn)
             replies = [conn.read_response() for _ in commands]
         except BaseException:
             # Whatever broke (timeout, reset, interrupt), the connection may hold half a reply.
@@ -254,8 +255,11 @@ class RedisStore(Store):
         self._poll_score = min(max(score, 0) + 1, _SCORE_MAX)
 
     def set(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        # On the idle stack too: the ledger thread writes its batches here, and every step of
+        # redis-py's own path is a moment the GIL is not free for the requests. No polling: the
+        # writer can wait, and a polling thread takes the GIL back after each poll.
         try:
-            self._sync().set(key, value, ex=ttl_seconds)
+            self._pipelined(("SET", key, value, "EX", ttl_seconds), poll=False)
         finally:
             self._forget(key)  # after the write: a read racing it cannot keep the old value
 
