@@ -115,6 +115,19 @@ async def _close_at_loop_shutdown(client: redis.asyncio.Redis) -> AsyncGenerator
         await client.aclose()
 
 
+def _readable(conn: redis.connection.AbstractConnection) -> bool:
+    """Whether an idle connection has anything to read: only an end of file, or an error, can be there.
+
+    redis-py's pool makes the same check on each checkout; the hit path's own stack makes it too.
+    """
+    sock = getattr(conn, "_sock", None)
+    if sock is None or not _CAN_POLL:
+        return False
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0)) or bool(hasattr(sock, "pending") and sock.pending())
+
+
 class RedisStore(Store):
     def __init__(self, url: str) -> None:
         problem = url_problem(url)
@@ -217,6 +230,9 @@ class RedisStore(Store):
             conn = idle.pop()
         except IndexError:
             conn = pool.make_connection()  # type: ignore[assignment]
+        else:
+            if _readable(conn):  # closed by the server while idle (CLIENT KILL, timeout, restart): reconnect
+                conn.disconnect()
         try:
             conn.send_packed_command(conn.pack_commands(commands))
             if poll:
