@@ -7,9 +7,11 @@ each test here counts what reached the provider.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from xml.etree import ElementTree
 
 # anthropic, openai, httpcore, httpcore2 and the metrion transports and stores are imported here,
@@ -21,6 +23,7 @@ import httpcore  # noqa: F401
 import httpcore2  # noqa: F401
 import openai  # noqa: F401
 import pytest
+import redis
 
 import metrion_fixture.api  # not imported by the package itself any more: loaded on first use
 import metrion_fixture.stores.redis
@@ -661,3 +664,128 @@ def test_the_run_figures_go_into_junit_xml_properties(suite, provider):
     assert properties["metrion_cache_saved_input_tokens"] == saved[4].replace(",", "")
     assert saved[6] == money(float(properties["metrion_cache_saved_usd"])) + " + unknown"
     assert properties["metrion_cache_unpriced_saved"] == "2", "the two claude-test hits have no price"
+
+
+# --- --metrion-cache-warmup: the previous run's entries in one round trip --------------------------
+
+WARM_SUITE = """
+import pytest
+
+from llm import ask_anthropic
+
+
+@pytest.mark.metrion_cache
+@pytest.mark.parametrize("number", range(4))
+def test_question(number):
+    assert "Warm-up question" in ask_anthropic(f"Warm-up question {number}?")
+"""
+
+
+@pytest.fixture
+def entry_reads(monkeypatch: pytest.MonkeyPatch, redis_namespace: str) -> list[list[str]]:
+    """Each round trip of this process's Redis stores that reads cache entries: the entries' keys."""
+    sent: list[list[str]] = []
+    store_class = metrion_fixture.stores.redis.RedisStore
+    pipelined = store_class._pipelined
+
+    def spy(self: Any, *commands: tuple[Any, ...], **options: Any) -> list[Any]:
+        read = [str(command[1]) for command in commands if command[0] == "GET"]
+        if any(key.startswith(f"{redis_namespace}:") for key in read):
+            sent.append(read)
+        return pipelined(self, *commands, **options)
+
+    monkeypatch.setattr(store_class, "_pipelined", spy)
+    return sent
+
+
+@pytest.fixture
+def warm_suite(suite, provider, redis_url, redis_namespace) -> Iterator[tuple[str, ...]]:
+    """The four-test suite, its entries stored by a first run with the warm-up on; yields the run's options."""
+    suite.makepyfile(test_warm=WARM_SUITE)
+    options = (f"--metrion-cache-url={redis_url}", f"--metrion-cache-namespace={redis_namespace}")
+    first, calls = run(suite, provider, *options, "--metrion-cache-warmup")
+    first.assert_outcomes(passed=4)
+    assert calls == 4
+    assert not any(line.startswith("warm-up:") for line in first.outlines)  # nothing known yet
+    yield options
+    store = open_store(redis_url)
+    store.delete_prefix(f"_ledger:{redis_namespace}:")
+    store.delete(f"_warmup:{redis_namespace}")
+
+
+def test_warmup_reads_the_previous_runs_entries_in_one_round_trip(suite, provider, warm_suite, entry_reads):
+    without, calls = run(suite, provider, *warm_suite)
+    assert calls == 0 and "4 hits" in summary(without)
+    assert len(entry_reads) == 4, "without the warm-up, each test's first read is a round trip"
+    assert not any(line.startswith("warm-up:") for line in without.outlines)
+
+    entry_reads.clear()
+    warmed, calls = run(suite, provider, *warm_suite, "--metrion-cache-warmup")
+    warmed.assert_outcomes(passed=4)
+    assert calls == 0 and "4 hits" in summary(warmed)
+    assert [len(read) for read in entry_reads] == [4], "the four entries in one round trip, then none"
+    assert "warm-up: 4 entries read ahead in one round trip" in warmed.outlines
+
+    entry_reads.clear()
+    subset, calls = run(suite, provider, *warm_suite, "--metrion-cache-warmup", "-k", "question[1] or question[2]")
+    subset.assert_outcomes(passed=2, deselected=2)
+    assert calls == 0 and [len(read) for read in entry_reads] == [2], "only the entries of the tests collected"
+
+
+def test_warmup_never_serves_an_entry_changed_since(suite, provider, warm_suite, redis_url, redis_namespace):
+    """Entries changed by another client after the previous run: one overwritten, one deleted. The
+    warm-up reads what is there now; both tests ask the provider again, the other two are hits."""
+    keys = json.loads(redis.Redis.from_url(redis_url).get(f"_warmup:{redis_namespace}"))
+    other = redis.Redis.from_url(redis_url)
+    assert other.set(keys["test_warm.py::test_question[1]"][0], b"changed by another client", ex=60, xx=True)
+    assert other.delete(keys["test_warm.py::test_question[2]"][0]) == 1
+    other.close()
+    result, calls = run(suite, provider, *warm_suite, "--metrion-cache-warmup")
+    result.assert_outcomes(passed=4)
+    assert calls == 2
+    assert "2 hits, 2 misses" in summary(result)
+    assert "warm-up: 3 entries read ahead in one round trip" in result.outlines  # what was there: 3 values
+
+
+@pytest.mark.parametrize("index", [None, b"not json"], ids=["missing", "damaged"])
+def test_warmup_with_no_usable_index_reads_as_before(
+    suite, provider, warm_suite, redis_url, redis_namespace, entry_reads, index
+):
+    """An index that is gone or damaged warms nothing: the tests read as they would have, and the run
+    writes a good one for the next."""
+    store = open_store(redis_url)
+    store.delete(f"_warmup:{redis_namespace}")
+    if index is not None:
+        store.set(f"_warmup:{redis_namespace}", index, 60)
+    result, calls = run(suite, provider, *warm_suite, "--metrion-cache-warmup")
+    result.assert_outcomes(passed=4)
+    assert calls == 0 and "4 hits" in summary(result)
+    assert len(entry_reads) == 4 and not any(line.startswith("warm-up:") for line in result.outlines)
+    again, _ = run(suite, provider, *warm_suite, "--metrion-cache-warmup")
+    assert "warm-up: 4 entries read ahead in one round trip" in again.outlines
+
+
+def test_warmup_with_redis_down_only_costs_its_attempt(suite, provider):
+    suite.makepyfile(test_warm=WARM_SUITE)
+    result, calls = run(suite, provider, "--metrion-cache-url=redis://127.0.0.1:1", "--metrion-cache-warmup")
+    result.assert_outcomes(passed=4)
+    assert calls == 4
+    assert not any(line.startswith("warm-up:") for line in result.outlines)
+
+
+@pytest.mark.slow
+def test_warmup_under_xdist(suite, provider, redis_url, redis_namespace):
+    """The controller writes the index with every worker's tests; each worker then warms up."""
+    suite.makepyfile(test_warm=WARM_SUITE)
+    options = (f"--metrion-cache-url={redis_url}", f"--metrion-cache-namespace={redis_namespace}")
+    try:
+        for expected_calls in (4, 0):
+            provider.reset()
+            result = suite.runpytest_subprocess(*QUIET, "-n", "2", "--metrion-cache-warmup", *options)
+            result.assert_outcomes(passed=4)
+            assert provider.call_count == expected_calls
+        assert "warm-up: 4 entries read ahead in one round trip" in result.outlines
+    finally:
+        store = open_store(redis_url)
+        store.delete_prefix(f"_ledger:{redis_namespace}:")
+        store.delete(f"_warmup:{redis_namespace}")

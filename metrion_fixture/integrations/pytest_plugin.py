@@ -125,10 +125,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="use the cache in every test, without the fixture or the marker. ini: metrion_cache_all",
     )
+    group.addoption(
+        "--metrion-cache-warmup",
+        dest="metrion_cache_warmup",
+        action="store_true",
+        default=False,
+        help="on a Redis store, fetch at start, in one round trip, the entries each test read the last time it ran "
+        "with this option (noted in the store under _warmup:NAMESPACE), instead of a round trip per test: for a "
+        "Redis on another host. ini: metrion_cache_warmup",
+    )
     for option in OPTIONS:
         parser.addini(option.ini, f"metrion cache {option.name} (see {option.pytest_flag})", default="")
     parser.addini(
         "metrion_cache_all", "use the cache in every test (see --metrion-cache-all)", type="bool", default=False
+    )
+    parser.addini(
+        "metrion_cache_warmup",
+        "fetch the entries each test read last time, in one round trip (see --metrion-cache-warmup)",
+        type="bool",
+        default=False,
     )
     parser.addini(
         "metrion_cache_require_store",
@@ -181,9 +196,16 @@ class _State:
         self.require_store = bool(config.getoption("metrion_cache_require_store")) or bool(
             config.getini("metrion_cache_require_store")
         )
+        self.warmup = bool(config.getoption("metrion_cache_warmup")) or bool(config.getini("metrion_cache_warmup"))
+        self.read_by_test: dict[str, list[str]] = {}  # with the warm-up: the storage keys each test looked up
         self.stores: dict[str, Store] = {}
         self.totals = _empty_totals()
         self._empty: dict[tuple[str, str], bool] = {}  # (url, namespace): held no answer when a replay missed
+
+    def uses_cache(self, item: pytest.Item) -> bool:
+        if self.all_tests or FIXTURE in getattr(item, "fixturenames", ()):
+            return True
+        return item.get_closest_marker(MARKER) is not None
 
     def options_for(self, item: pytest.Item) -> ResolvedOptions:
         """The run's options, overridden by the markers on the test, its class and its module (closest wins)."""
@@ -269,6 +291,13 @@ class _State:
                 }
             )
 
+    def note_reads(self, nodeid: str, session: CacheSession) -> None:
+        """With the warm-up: the storage keys one test looked up in the run's store, for the next run."""
+        if self.warmup and session.options.url == self.base.options.url and session.settings.scope == "shared":
+            from ..runtime.warmup import keys_read
+
+            self.read_by_test[nodeid] = keys_read(session.settings.namespace, session.calls)
+
     def store_was_empty(self, session: CacheSession) -> bool:
         """Whether the session's store holds no answer at all in its namespace (asked once per run)."""
         where = (session.url, session.settings.namespace)
@@ -291,6 +320,7 @@ class _State:
             totals[name].extend(url for url in other.get(name, []) if url not in totals[name])
         for name in ("missed_tests", "replay_misses"):
             totals[name].extend(other.get(name, []))
+        totals["warmed"] = max(totals["warmed"], other.get("warmed", 0))  # each worker warms the whole run
 
     def close(self) -> None:
         for store in self.stores.values():
@@ -304,7 +334,7 @@ class _State:
 def _empty_totals() -> dict[str, Any]:
     # Plain types only: xdist workers send it to the controller.
     totals: dict[str, Any] = {name: 0 for name in ("tests", "without_store", *_COUNTERS, *_SAVINGS, *_UNPRICED)}
-    totals.update(saved_seconds=0.0, urls=[], down_urls=[], missed_tests=[], replay_misses=[])
+    totals.update(saved_seconds=0.0, urls=[], down_urls=[], missed_tests=[], replay_misses=[], warmed=0)
     return totals
 
 
@@ -374,6 +404,7 @@ def metrion_cache(request: pytest.FixtureRequest) -> Iterator[CacheSession]:
             yield session
     finally:
         state.finish(request.node.nodeid, session)
+        state.note_reads(request.node.nodeid, session)
         del request.node.stash[_ACTIVE]  # the reports are made; do not keep every test's records to the end
 
 
@@ -383,7 +414,7 @@ def _metrion_cache_autouse(request: pytest.FixtureRequest) -> None:
     state = request.config.stash.get(_STATE, None)
     if state is None:
         return
-    if state.all_tests or FIXTURE in request.fixturenames or request.node.get_closest_marker(MARKER) is not None:
+    if state.uses_cache(request.node):
         request.getfixturevalue(FIXTURE)
 
 
@@ -534,6 +565,61 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 _PROBE_KEY = "_metrion_probe"  # read, never written: any answer, even "absent", means the store is there
 
+# Stores whose reads the warm-up can save: a Redis near cache (SQLite and memory make no round trip).
+_WARMABLE = ("redis://", "rediss://", "unix://")
+WARMUP_OUTPUT_KEY = "metrion_cache_warmup"
+
+
+def _warmup_store(state: _State) -> Store | None:
+    """The run's store, if the warm-up applies to it: on, a Redis URL, a mode that reads, a ledger kept."""
+    options = state.base.options
+    url = options.url
+    if not state.warmup or url is None or not url.startswith(_WARMABLE) or options.mode == "off":
+        return None
+    if not options.ledger_retention:  # no record of the run's calls kept in the store: nor of its tests
+        return None
+    from ..stores import open_store
+
+    store = state.stores[url] = open_store(url)
+    return store
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """With --metrion-cache-warmup: the entries the previous run of these tests read, fetched in one round trip.
+
+    Covers the run's own store (a test whose marker names another reads as usual). Whatever fails (no
+    index yet, a store that is down) only leaves the reads as they were.
+    """
+    state = session.config.stash.get(_STATE, None)
+    if state is None or not state.warmup or state.base.options.mode not in ("true", "replay"):
+        return
+    tests = [item.nodeid for item in session.items if state.uses_cache(item)]
+    if not tests:
+        return
+    try:
+        store = _warmup_store(state)
+        if store is not None:
+            from ..runtime import warmup
+
+            state.totals["warmed"] = warmup.warm(store, warmup.read_index(store, state.base.options.namespace), tests)
+    except Exception:  # noqa: BLE001, S110 - the warm-up only saves time: the tests read as they would have
+        pass
+
+
+def _save_warmup_index(state: _State) -> None:
+    """What each test of the run read, for the next run's warm-up (one read and one write of the index)."""
+    if not state.read_by_test:
+        return
+    try:
+        store = _warmup_store(state)
+        if store is not None:
+            from ..runtime import warmup
+
+            options = state.base.options
+            warmup.update_index(store, options.namespace, state.read_by_test, options.ledger_retention)
+    except Exception:  # noqa: BLE001, S110 - the next run reads as if it had no warm-up
+        pass
+
 
 @pytest.hookimpl(tryfirst=True)  # before junitxml writes its file
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -544,7 +630,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput[WORKER_OUTPUT_KEY] = state.totals
+        workeroutput[WARMUP_OUTPUT_KEY] = state.read_by_test  # the controller writes the index once
         return
+    _save_warmup_index(state)
     totals = state.totals
     if state.require_store and totals["store_errors"] and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -573,6 +661,9 @@ def pytest_testnodedown(node: Any, error: Any) -> None:
     data = getattr(node, "workeroutput", {}).get(WORKER_OUTPUT_KEY)
     if state is not None and data:
         state.merge(data)
+    read_by_test = getattr(node, "workeroutput", {}).get(WARMUP_OUTPUT_KEY)
+    if state is not None and read_by_test:
+        state.read_by_test.update(read_by_test)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
@@ -621,6 +712,8 @@ def summary_lines(
         _tokens_line(totals),
         f"store: {', '.join(totals['urls'])}",
     ]
+    if totals.get("warmed"):
+        lines.append(f"warm-up: {plural(totals['warmed'], 'entry', 'entries')} read ahead in one round trip")
     if totals["store_errors"] and require_store:
         lines.append("the run fails: the cache store was unreachable and --metrion-cache-require-store is set")
     if totals["store_errors"]:

@@ -82,6 +82,15 @@ class Store(abc.ABC):
             return False, []
         return True, [self.get(each) for each in keys]
 
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """:meth:`get` of each of ``keys``; a networked store reads them in one round trip."""
+        return [self.get(key) for key in keys]
+
+    def warm(self, keys: list[str]) -> int:
+        """Read ``keys`` ahead of their first use into this process's memory, if the store keeps one
+        that saves a round trip per read (Redis's near cache); returns how many were kept."""
+        return 0
+
     def locked(self, key: str) -> bool:
         """Whether someone holds the lock ``key`` now."""
         with _local_locks_guard:

@@ -27,7 +27,7 @@ from metrion_fixture.core.options import has_unencoded_userinfo
 from metrion_fixture.core.options import mask_password as mask_url
 from metrion_fixture.errors import MetrionCacheError
 from metrion_fixture.stores.base import Store
-from metrion_fixture.stores.redis_tracking import TrackedNearCache
+from metrion_fixture.stores.redis_tracking import TrackedNearCache, tracked_prefix
 
 # A cache that is down must cost a request a second, not minutes: short timeouts
 # and no retries (redis-py retries 3 times with backoff by default). A failed call
@@ -213,6 +213,36 @@ class RedisStore(Store):
                 near.remember(key, value, ttl_ms, ticket)
                 return value
         return self._pipelined(("GET", key))[0]
+
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The values of ``keys`` in one round trip, read past the near cache (nothing is kept)."""
+        return self._pipelined(*(("GET", key) for key in keys), poll=False) if keys else []
+
+    def warm(self, keys: list[str]) -> int:
+        """Read ``keys`` into the near cache ahead of their first read, one round trip per namespace
+        (GET + PTTL each); returns how many were kept (absent ones are not). Under the same rules as a
+        read that misses the near cache: the namespace tracked first, a ticket taken before the read,
+        nothing kept if anything changed while it was in flight."""
+        near = self._near
+        if near is None or not keys:
+            return 0
+        by_prefix: dict[str, list[str]] = {}
+        for key in keys:
+            prefix = tracked_prefix(key)
+            if prefix is not None:
+                by_prefix.setdefault(prefix, []).append(key)
+        kept = 0
+        for group in by_prefix.values():
+            if not self._answered:
+                self._pipelined(("PING",), poll=False)  # tracking is set up only once Redis has answered
+            ticket = near.ticket(group[0])  # this prefix tracked, or None
+            if ticket is None:
+                continue
+            # No polling: a pipeline this long is not answered within the moment a hit polls for.
+            commands = [command for key in group for command in (("GET", key), ("PTTL", key))]
+            replies = self._pipelined(*commands, poll=False)
+            kept += near.remember_many(list(zip(group, replies[::2], replies[1::2], strict=True)), ticket)
+        return kept
 
     def _pipelined(self, *commands: tuple[Any, ...], poll: bool = True) -> list[Any]:
         # The hit path: commands pipelined on a connection of our own idle stack, skipping the

@@ -182,6 +182,58 @@ class TrackedNearCache:
                 return None, self._epoch, None
             return None, None, self._set_up_later(prefix) if self._conn is None else None
 
+    def ticket(self, key: str) -> int | None:
+        """A ticket for reading keys under ``key``'s prefix from Redis into memory (:meth:`remember_many`),
+        or None when no near cache applies now. Blocking: it may wait for tracking to be set up, as
+        :meth:`lookup` does (and raises the same timeout)."""
+        prefix = tracked_prefix(key)
+        if prefix is None:
+            return None
+        with self._lock:
+            if self._ready(prefix) is not None:
+                return self._epoch
+            if self._conn is not None:
+                # Tracking is up for other prefixes: this one was just asked for. Wait for Redis's
+                # answer (one round trip) instead of warming nothing.
+                deadline = time.monotonic() + PONG_WITHIN
+                while self._conn is not None and prefix in self._requested and time.monotonic() < deadline:
+                    try:
+                        self._conn.can_read(timeout=deadline - time.monotonic())
+                    except Exception:  # noqa: BLE001 - a broken tracking connection only turns the near cache off
+                        self._lost()
+                        return None
+                    self._buffered = True  # can_read may have read the reply into the parser's buffer
+                    if self._ready(prefix) is not None:
+                        return self._epoch
+                return None
+            setting_up = self._set_up_later(prefix)
+        if setting_up is None:
+            return None
+        setting_up.result()
+        with self._lock:
+            return self._epoch if self._ready(prefix) is not None else None
+
+    def remember_many(self, read: list[tuple[str, bytes | None, int]], ticket: int) -> int:
+        """:meth:`remember` for ``(key, value, ttl_ms)`` triples read in one go after taking ``ticket``;
+        keeps none if anything changed meanwhile. Returns how many were kept."""
+        now, kept = time.time(), 0
+        with self._lock:
+            if self._conn is None or self._pid != os.getpid():
+                return 0
+            try:
+                self._drain()
+            except Exception:  # noqa: BLE001 - a broken tracking connection only turns the near cache off
+                self._lost()
+                return 0
+            if self._epoch != ticket:
+                return 0
+            for key, value, ttl_ms in read:
+                if value is None or ttl_ms == -2 or ttl_ms == 0:
+                    continue
+                self._values.put(key, value, float("inf") if ttl_ms < 0 else now + ttl_ms / 1000)
+                kept += 1
+        return kept
+
     def remember(self, key: str, value: bytes | None, ttl_ms: int, ticket: int) -> None:
         """Keep ``value``, read from Redis with ``ttl_ms`` left (PTTL), unless anything changed meanwhile."""
         if value is None or ttl_ms == -2 or ttl_ms == 0:
