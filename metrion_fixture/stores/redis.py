@@ -27,6 +27,7 @@ from metrion_fixture.core.options import has_unencoded_userinfo
 from metrion_fixture.core.options import mask_password as mask_url
 from metrion_fixture.errors import MetrionCacheError
 from metrion_fixture.stores.base import Store
+from metrion_fixture.stores.redis_multiplex import Multiplexer, options_for
 from metrion_fixture.stores.redis_tracking import TrackedNearCache, tracked_prefix
 
 # A cache that is down must cost a request a second, not minutes: short timeouts
@@ -103,8 +104,10 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-async def _close_at_loop_shutdown(client: redis.asyncio.Redis) -> AsyncGenerator[None, None]:
-    """Closes ``client`` while its loop still runs, when the loop shuts down async generators.
+async def _close_at_loop_shutdown(
+    client: redis.asyncio.Redis, multiplexer: Multiplexer | None
+) -> AsyncGenerator[None, None]:
+    """Closes ``client`` (and ``multiplexer``) while its loop still runs, when the loop shuts down async generators.
 
     asyncio.run() and asyncio.Runner do that just before closing the loop; without
     it the client's sockets would outlive their loop and could never close cleanly.
@@ -112,7 +115,16 @@ async def _close_at_loop_shutdown(client: redis.asyncio.Redis) -> AsyncGenerator
     try:
         yield
     finally:
-        await client.aclose()
+        try:
+            await client.aclose()
+        finally:
+            if multiplexer is not None:
+                await multiplexer.aclose()
+
+
+# Per event loop: redis-py's asyncio client, the multiplexed connection of the hit path (None when the
+# URL needs redis-py's), and the async generator that closes both at the loop's shutdown.
+_LoopClients = tuple[redis.asyncio.Redis, "Multiplexer | None", AsyncGenerator[None, None]]
 
 
 def _readable(conn: redis.connection.AbstractConnection) -> bool:
@@ -151,10 +163,13 @@ class RedisStore(Store):
         self._idle: list[redis.connection.AbstractConnection] = []  # for get(): see there
         self._idle_pid = os.getpid()
         self._poll_score, self._poll_skipped = 1, 0  # see _POLL_FOR
-        self._aclients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, tuple[redis.asyncio.Redis, AsyncGenerator[None, None]]
-        ] = weakref.WeakKeyDictionary()
+        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClients] = weakref.WeakKeyDictionary()
         self._closing: set[asyncio.Future[Any]] = set()
+        # The async hit path's commands (GET, GET + PTTL, SET NX PX) share one connection per loop
+        # (stores/redis_multiplex.py) when the URL is one it fully supports; else redis-py's client.
+        self._multiplex = options_for(self._raw_url, _DEFAULTS)
+        # The last loop's multiplexer, found without a lock or a weak dictionary: (weak ref to the loop, it).
+        self._last_multiplexer: tuple[weakref.ref[asyncio.AbstractEventLoop], Multiplexer] | None = None
 
     def _new_client(self) -> Any:
         return redis.Redis.from_url(self._raw_url, retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0), **_DEFAULTS)
@@ -181,22 +196,34 @@ class RedisStore(Store):
         return self._client
 
     async def _async(self) -> redis.asyncio.Redis:
+        return (await self._loop_clients())[0]
+
+    async def _loop_clients(self) -> _LoopClients:
         # An asyncio client is bound to the loop it first ran on, and notebooks and
         # test suites run many loops (one per asyncio.run), so keep one per loop.
         loop = asyncio.get_running_loop()
         with self._lock:
             entry = self._aclients.get(loop)
             if entry is not None:
-                return entry[0]
+                return entry
             # A client's connections reference its loop, so an entry would keep a
             # finished loop alive forever: drop clients of closed loops.
             for old in [old for old in self._aclients if old.is_closed()]:
                 del self._aclients[old]
             client = self._new_async_client()
-            closer = _close_at_loop_shutdown(client)
-            self._aclients[loop] = (client, closer)
+            multiplexer = Multiplexer(self._multiplex) if self._multiplex is not None else None
+            closer = _close_at_loop_shutdown(client, multiplexer)
+            entry = self._aclients[loop] = (client, multiplexer, closer)
         await closer.__anext__()  # the first step registers it with the loop's asyncgen hooks
-        return client
+        return entry
+
+    async def _multiplexer(self) -> Multiplexer:
+        """This loop's multiplexed connection (only when ``self._multiplex``)."""
+        loop = asyncio.get_running_loop()
+        multiplexer = (await self._loop_clients())[1]
+        assert multiplexer is not None
+        self._last_multiplexer = (weakref.ref(loop), multiplexer)
+        return multiplexer
 
     def get(self, key: str) -> bytes | None:
         near = self._near if self._answered else None
@@ -326,7 +353,10 @@ class RedisStore(Store):
                     value, ttl_ms = await self._apipelined(("GET", key), ("PTTL", key))
                     near.remember(key, value, ttl_ms, ticket)
                     return value
-            value = await (await self._async()).get(key)  # type: ignore[assignment]
+            if self._multiplex is not None:
+                value = (await self._apipelined(("GET", key)))[0]
+            else:
+                value = await (await self._async()).get(key)  # type: ignore[assignment]
         except BaseException:
             self._answered = False
             raise
@@ -334,6 +364,12 @@ class RedisStore(Store):
         return value
 
     async def _apipelined(self, *commands: tuple[Any, ...]) -> list[Any]:
+        if self._multiplex is not None:
+            # This loop's multiplexed connection: the commands of every task, written together.
+            last = self._last_multiplexer
+            if last is not None and last[0]() is asyncio.get_running_loop():
+                return await last[1].execute(commands)
+            return await (await self._multiplexer()).execute(commands)
         # A first read in a process (near cache miss): commands sent on a pool connection as they are,
         # without redis-py's Pipeline object, which costs about half as much again as the round trip.
         client = await self._async()
@@ -388,6 +424,8 @@ class RedisStore(Store):
         return bool(self._sync().exists(key))
 
     async def aacquire(self, key: str, token: str, ttl_ms: int) -> bool:
+        if self._multiplex is not None:
+            return bool((await self._apipelined(("SET", key, token, "NX", "PX", max(1, ttl_ms))))[0])
         return bool(await (await self._async()).set(key, token, nx=True, px=max(1, ttl_ms)))
 
     async def arelease(self, key: str, token: str) -> None:
@@ -438,6 +476,7 @@ class RedisStore(Store):
             client, self._client = self._client, None
             idle, self._idle = self._idle, []
             aclients, self._aclients = list(self._aclients.items()), weakref.WeakKeyDictionary()
+            self._last_multiplexer = None
         if self._near is not None:
             self._near.close()
         if client is not None:
@@ -449,7 +488,7 @@ class RedisStore(Store):
             running = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        for loop, (_, closer) in aclients:
+        for loop, (_, _, closer) in aclients:
             # Best effort: a closed loop can run nothing, so its sockets are left to GC.
             if loop.is_closed():
                 continue
@@ -467,7 +506,7 @@ class RedisStore(Store):
         with self._lock:
             entry = self._aclients.pop(asyncio.get_running_loop(), None)
         if entry is not None:
-            await entry[1].aclose()
+            await entry[2].aclose()
         self.close()
 
 
@@ -489,6 +528,7 @@ class RedisClusterStore(RedisStore):
         super().__init__(cluster_node_url(url))
         self.url = mask_url(url)
         self._near = None  # tracking is per node; a cluster read is always a GET to the key's node
+        self._multiplex = None  # the cluster client routes each key to its node
 
     def _new_client(self) -> Any:
         return redis.cluster.RedisCluster.from_url(
