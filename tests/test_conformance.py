@@ -50,8 +50,10 @@ LIBRARIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "litellm-anthropic": ("openai3", EVERY_MODE),
     "pydantic-ai": ("openai3", EVERY_MODE),
     "openai-agents": ("openai3", (SYNC, ASYNC, ASTREAM, REPLAY)),
-    # proxy: dspy's litellm engine through `metrion-cache serve`; proxy-lm15: its default engine.
-    "dspy": ("openai3", (SYNC, ASYNC, REPLAY, "proxy", "proxy-lm15")),
+    # dspy's litellm engine (engine="litellm"); proxy: through `metrion-cache serve`.
+    "dspy": ("openai3", (SYNC, ASYNC, REPLAY, "proxy")),
+    # dspy's default engine, lm15, which sends with an HTTP client of its own (integrations/lm15.py).
+    "dspy-lm15": ("openai3", (*EVERY_MODE, "proxy")),
     "llama-index-llms-openai": ("openai2", EVERY_MODE),
     "instructor": ("openai2", (SYNC, ASYNC, STREAM, ASTREAM, REPLAY)),
 }

@@ -61,6 +61,7 @@ def install() -> None:
         _install_http_libraries()
         _install_xai()
         _install_aiohttp()
+        _install_lm15()
 
 
 def uninstall() -> None:
@@ -79,6 +80,7 @@ def uninstall() -> None:
                 client_class._transport_for_url = original  # type: ignore[attr-defined]
         _uninstall_xai()
         _uninstall_aiohttp()
+        _uninstall_lm15()
 
 
 def installed() -> bool:
@@ -223,3 +225,63 @@ def _uninstall_aiohttp() -> None:
         session_class, original, patched = _aiohttp_patched.pop()
         if session_class.__dict__.get("_request") is patched:
             session_class._request = original  # type: ignore[attr-defined]
+
+
+# lm15 (dspy 3.4's default engine, vendored there as ``dspy._vendor.lm15``, and a package of its own)
+# sends with an HTTP client of its own: every request goes through ``StdlibTransport.stream`` (sync)
+# or ``StdlibAsyncTransport._do_stream`` (async), which the patch hands to the cache while a session
+# is active (metrion_fixture.integrations.lm15 says why there). Neither dspy nor lm15 is imported
+# for it: a transport module imported later is patched by the import hook.
+_LM15_PACKAGES = ("lm15", "dspy")
+# transport module -> (its transport class, the method every request goes through, its response class, async)
+_LM15_TRANSPORTS = {
+    f"{package}.transports.{side}": (transport_class, method, response_class, aio)
+    for package in ("lm15", "dspy._vendor.lm15")
+    for side, transport_class, method, response_class, aio in (
+        ("_sync", "StdlibTransport", "stream", "TransportResponse", False),
+        ("_async", "StdlibAsyncTransport", "_do_stream", "AsyncTransportResponse", True),
+    )
+}
+_lm15_patched: list[tuple[type, str, Callable[..., Any], Callable[..., Any]]] = []
+
+
+def _patch_lm15_module(module: Any) -> None:
+    """Patch one lm15 transport module's transport class (called with ``_lock`` held, while installed)."""
+    transport_name, method, response_name, aio = _LM15_TRANSPORTS[module.__name__]
+    transport_class = getattr(module, transport_name, None)
+    original = transport_class.__dict__.get(method) if isinstance(transport_class, type) else None
+    response_class = getattr(module, response_name, None)
+    if original is None or not isinstance(response_class, type):
+        return
+    if any(patched_class is transport_class for patched_class, _, _, _ in _lm15_patched):
+        return
+    from .lm15 import wrap_send
+
+    patched = wrap_send(original, response_class, aio=aio)
+    if patched is None:
+        return  # this lm15 cannot be cached: the adapter logged why
+    setattr(transport_class, method, patched)
+    _lm15_patched.append((transport_class, method, original, patched))  # type: ignore[arg-type]
+
+
+_lm15_hook = _PatchOnImport(dict.fromkeys(_LM15_TRANSPORTS, _patch_lm15_module))
+
+
+def _install_lm15() -> None:
+    if not any(name in sys.modules or importlib.util.find_spec(name) is not None for name in _LM15_PACKAGES):
+        return
+    for name in _LM15_TRANSPORTS:
+        module = sys.modules.get(name)
+        if module is not None:
+            _patch_lm15_module(module)
+    if _lm15_hook not in sys.meta_path:
+        sys.meta_path.insert(0, _lm15_hook)
+
+
+def _uninstall_lm15() -> None:
+    if _lm15_hook in sys.meta_path:
+        sys.meta_path.remove(_lm15_hook)
+    while _lm15_patched:
+        transport_class, method, original, patched = _lm15_patched.pop()
+        if transport_class.__dict__.get(method) is patched:
+            setattr(transport_class, method, original)

@@ -388,6 +388,16 @@ def instructor_cases(provider: SimulatedProvider, case: str) -> str:
 
 
 def dspy_cases(provider: SimulatedProvider, case: str) -> str:
+    """dspy with its litellm engine (``engine="litellm"``), in-process and through the proxy."""
+    return _dspy(provider, case, "litellm")
+
+
+def dspy_lm15(provider: SimulatedProvider, case: str) -> str:
+    """dspy with its default engine, lm15, which sends with an HTTP client of its own (the lm15 adapter)."""
+    return _dspy(provider, case, "lm15")
+
+
+def _dspy(provider: SimulatedProvider, case: str, engine: str) -> str:
     import dspy
 
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)  # only this cache answers
@@ -398,37 +408,56 @@ def dspy_cases(provider: SimulatedProvider, case: str) -> str:
     def answer_of(asked: str) -> str:
         return "Paris " + asked.rsplit("case ", 1)[1].rstrip(")")
 
-    def predictor(api_base: str, engine: str, **options: Any) -> tuple[Any, Any]:
-        lm = dspy.LM(
+    def inputs(asked: str) -> dict[str, str]:
+        return {"question": json.dumps({"answer": answer_of(asked)})}
+
+    def lm_for(api_base: str, **options: Any) -> Any:
+        return dspy.LM(
             f"openai/{OPENAI_MODEL}", api_base=api_base, api_key=OPENAI_KEY, cache=False, engine=engine, **options
         )
-        return dspy.Predict("question -> answer"), lm
 
-    def predict(asked: str, api_base: str = provider.url + "/v1", engine: str = "litellm", **options: Any) -> str:
-        program, lm = predictor(api_base, engine, **options)
-        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-            return str(program(question=json.dumps({"answer": answer_of(asked)})).answer)
+    def predict(asked: str, api_base: str = provider.url + "/v1", **options: Any) -> str:
+        with dspy.context(lm=lm_for(api_base, **options), adapter=dspy.JSONAdapter()):
+            return str(dspy.Predict("question -> answer")(**inputs(asked)).answer)
 
     async def apredict(asked: str) -> str:
-        program, lm = predictor(provider.url + "/v1", "litellm")
-        with dspy.context(lm=lm, adapter=dspy.JSONAdapter()):
-            return str((await program.acall(question=json.dumps({"answer": answer_of(asked)}))).answer)
+        with dspy.context(lm=lm_for(provider.url + "/v1"), adapter=dspy.JSONAdapter()):
+            return str((await dspy.Predict("question -> answer").acall(**inputs(asked))).answer)
 
+    # Streamed (dspy.streamify): dspy asks the engine for a stream; the program's outputs come last,
+    # parsed from the stream. Sync: the program runs in a worker thread, through the sync transport.
+    def streamed(values: list[Any]) -> str:
+        predictions = [value for value in values if isinstance(value, dspy.Prediction)]
+        check(len(values) > 1 and len(predictions) == 1, f"streamify gave {values!r}")
+        return str(predictions[0].answer)
+
+    def stream(asked: str) -> str:
+        program = dspy.streamify(dspy.Predict("question -> answer"), async_streaming=False)
+        with dspy.context(lm=lm_for(provider.url + "/v1"), adapter=dspy.JSONAdapter()):
+            return streamed(list(program(**inputs(asked))))
+
+    async def astream(asked: str) -> str:
+        program = dspy.streamify(dspy.Predict("question -> answer"), is_async_program=True)
+        with dspy.context(lm=lm_for(provider.url + "/v1"), adapter=dspy.JSONAdapter()):
+            return streamed([value async for value in program(**inputs(asked))])
+
+    if case == "proxy":
+        # Through `metrion-cache serve`: litellm opts in per request with the header; lm15 takes no
+        # extra headers, so that proxy caches every request (--mode true).
+        return through_the_proxy(provider, predict, answer_of, opt_in=engine == "litellm")
     if case == "replay-miss":
         return replay_miss(provider, predict)
-    if case.startswith("proxy"):
-        # In-process, only dspy's litellm engine is seen (its default engine, lm15, sends with the
-        # standard library): through the proxy, both are.
-        # lm15 takes no extra headers, so that proxy caches every request (--mode true).
-        engine = "litellm" if case == "proxy" else "lm15"
-        return through_the_proxy(
-            provider,
-            lambda asked, **options: predict(asked, engine=engine, **options),
-            answer_of,
-            opt_in=engine == "litellm",
-        )
-    call = {"sync": predict, "async": run_sync(apredict)}[case]
-    return miss_then_hit(provider, call, expected=answer_of)
+    if case == "json-then-stream":
+        return miss_then_hit(provider, predict, expected=answer_of, then=stream)
+    if case == "stream-then-json":
+        return miss_then_hit(provider, stream, expected=answer_of, then=predict, hit_expected=stream_carries_usage)
+    calls: dict[str, Call] = {
+        "sync": predict,
+        "async": run_sync(apredict),
+        "stream": stream,
+        "astream": run_sync(astream),
+    }
+    return miss_then_hit(provider, calls[case], expected=answer_of)
 
 
 # -- the proxy ------------------------------------------------------------------------------------------------------
@@ -492,6 +521,7 @@ LIBRARIES: dict[str, Callable[[SimulatedProvider, str], str]] = {
     "pydantic-ai": pydantic_ai,
     "openai-agents": openai_agents,
     "dspy": dspy_cases,
+    "dspy-lm15": dspy_lm15,
     "llama-index-llms-openai": llama_index,
     "instructor": instructor_cases,
 }
