@@ -108,4 +108,6 @@ def covering_process(session: CacheSession) -> Iterator[CacheSession]:
     finally:
         exit_process_block(session)
         patching.uninstall()
-        session.flush_ledger()
+        # Written by the ledger thread within a second, with the blocks that end meanwhile: a test
+        # suite's tests, a notebook's cells; at exit (and a pytest run's end) whatever is left.
+        session.flush_ledger(wait=False)

@@ -136,6 +136,28 @@ def test_the_ledger_expires_after_its_retention_and_can_be_turned_off(url, monke
         metrion_fixture.CacheSession(url, ledger_retention="soon")
 
 
+def test_a_test_suite_s_sessions_fill_the_same_ledger_batches(url):
+    """A session per test, each ending as a covered block: their records go in one batch, not one each,
+    written by the ledger thread (no test waits on the store), and all of them are there."""
+    from metrion_fixture.api import covering_process
+
+    namespace = f"suite-{time.monotonic_ns()}"
+    sessions = [metrion_fixture.CacheSession(url, namespace=namespace, source=f"test_{n}") for n in range(20)]
+    assert len({id(session.ledger.sink) for session in sessions}) == 1
+    for number, session in enumerate(sessions):
+        with covering_process(session):
+            session.publish(record(latency=float(number), source=session.source))
+    store = open_store(url)
+    deadline = time.monotonic() + 30  # a bound for a broken thread, not a timing: it writes within a second
+    while sessions[0].ledger.sink.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    batches = store.keys(f"{PREFIX}{namespace}:")
+    assert 1 <= len(batches) <= 3, f"{len(batches)} batches for 20 blocks ended within a second or so"
+    assert sorted(r["latency"] for r in read_records(store, namespace)) == [float(n) for n in range(20)]
+    other = metrion_fixture.CacheSession(url, namespace=namespace + "-other")
+    assert other.ledger.sink is not sessions[0].ledger.sink  # another namespace: batches of its own
+
+
 def test_the_ledger_is_bounded_oldest_batches_first(url, monkeypatch):
     """Batches are written when full (by the ledger's thread) and the oldest are dropped beyond the bound."""
     store = open_store(url)

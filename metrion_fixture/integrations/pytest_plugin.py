@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -627,6 +628,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     state = config.stash.get(_STATE, None)
     if state is None:
         return
+    _flush_ledgers()
     workeroutput = getattr(config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput[WORKER_OUTPUT_KEY] = state.totals
@@ -640,6 +642,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if xml is not None and totals["tests"]:
         for name, value in junit_properties(totals).items():
             xml.add_global_property(name, value)
+
+
+def _flush_ledgers() -> None:
+    """The run's calls into the store's ledger now (each test's end left them to the ledger thread)."""
+    ledger = sys.modules.get("metrion_fixture.runtime.ledger")  # imported only if a test used the cache
+    if ledger is not None:
+        ledger.flush_all()
 
 
 def junit_properties(totals: dict[str, Any]) -> dict[str, int | float]:

@@ -7,7 +7,10 @@ to a list: a full batch is written by the ledger's own thread (one per process, 
 daemon), since a write can wait seconds on a store (SQLite's busy timeout, a Redis
 that does not answer) and a request, or an event loop, must not. Whatever is left
 is written by :meth:`StoredLedger.flush`: when a ``cache()`` block ends, on
-``disable()`` and at interpreter exit. The ledger is bounded: at most
+``disable()`` and at interpreter exit; when a test or a notebook cell ends, the ledger thread
+writes it within ``WRITE_EVERY`` (``flush(wait=False)``). Sessions of one process on the same
+store and namespace share one :class:`StoredLedger` (:func:`shared_sink`), so the records of a
+test suite's many sessions (one per test) fill the same batches. The ledger is bounded: at most
 ``MAX_BATCHES`` batches of ``BATCH_SIZE`` records per namespace, oldest dropped first.
 A write that fails keeps its records for a later one (at most ``MAX_PENDING`` per
 session; beyond that new records are counted in ``dropped``), and never fails a request.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import json
 import os
 import sys
@@ -107,13 +111,19 @@ class StoredLedger:
                     self.pending[index] = (new, line)
                     return
 
-    def flush(self) -> int:
+    def flush(self, wait: bool = True) -> int:
         """Write every pending record now, in batches; return how many were written.
 
         On a thread that runs an event loop the write is handed to the ledger thread (it can
         wait seconds on the store) and 0 is returned. Records a failed write kept are tried
-        again by the ledger thread.
+        again by the ledger thread. ``wait=False`` leaves the write to the ledger thread's next
+        look (within ``WRITE_EVERY``), so that the records of the blocks that end meanwhile (each
+        test of a suite) go in one batch, not one each, and no block waits on the store.
         """
+        if not wait:
+            self._wanted = True
+            _thread.wake(now=False)
+            return 0
         if _on_event_loop():
             self._wanted = True
             _thread.wake()
@@ -201,7 +211,8 @@ class _LedgerThread:
         self._started: threading.Thread | None = None
         self._start_lock = threading.Lock()
 
-    def wake(self) -> None:
+    def wake(self, now: bool = True) -> None:
+        """Start the thread if it is not running; ``now``: have it look at once, not at its next tick."""
         if self._started is None:
             with self._start_lock:
                 if self._started is None:
@@ -209,13 +220,45 @@ class _LedgerThread:
                     thread = threading.Thread(target=self._run, name="metrion-ledger", daemon=True)
                     thread.start()
                     self._started = thread
-        self._event.set()
+        if now:
+            self._event.set()
 
     def _run(self) -> None:
         while True:
             self._event.wait(WRITE_EVERY)
             self._event.clear()
             _write_all()  # a function of its own: no ledger stays referenced while this thread waits
+
+
+# The sink of each (store, namespace, retention) of this process: see shared_sink.
+_shared: dict[tuple[int, str, int], weakref.ReferenceType[StoredLedger]] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_sink(store: Store, namespace: str, retention: int, allow: Callable[[], bool] | None = None) -> StoredLedger:
+    """The process's sink for ``store`` and ``namespace``, made on first use.
+
+    A test suite opens a session per test: one sink each would write a batch per test (a round trip
+    per test, and ``MAX_BATCHES`` would then keep a few thousand tests of history instead of about
+    a million calls). ``allow`` replaces the sink's: the latest session's circuit breaker says
+    whether the store is worth a write.
+    """
+    key = (id(store), namespace, retention)
+    with _shared_lock:
+        found = _shared.get(key)
+        sink = found() if found is not None else None
+        if sink is None or sink.store is not store:  # an id reused by a new store after the old one was freed
+            sink = StoredLedger(store, namespace, retention, allow)
+            _shared[key] = weakref.ref(sink, functools.partial(_forget_shared, key))
+        sink._allow = allow
+        return sink
+
+
+def _forget_shared(key: tuple[int, str, int], _: object = None) -> None:
+    with _shared_lock:
+        found = _shared.get(key)
+        if found is not None and found() is None:
+            del _shared[key]
 
 
 def _write_all() -> None:
@@ -232,9 +275,9 @@ _thread = _LedgerThread()
 
 
 def _after_fork_in_child() -> None:
-    global _thread, _open_lock
+    global _thread, _open_lock, _shared_lock
     # Only the forking thread exists in the child: the ledger thread and any lock it held are gone.
-    _thread, _open_lock = _LedgerThread(), threading.Lock()
+    _thread, _open_lock, _shared_lock = _LedgerThread(), threading.Lock(), threading.Lock()
     for ledger in list(_open):
         ledger._forget_parent()
 

@@ -27,7 +27,7 @@ from ..stores.base import Store
 from . import sources
 from ._async.store_calls import AsyncStoreCalls
 from ._sync.store_calls import StoreCalls
-from .ledger import StoredLedger
+from .ledger import shared_sink
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -80,12 +80,13 @@ class CacheSession:
         # After a store failure, skip the store for ``store_cooldown`` seconds: one timeout per period.
         self.breaker = CircuitBreaker(chosen.store_cooldown)
         # Calls are also kept in the store (batched, expiring) so `metrion-cache stats` sees every process.
-        self.ledger.sink = StoredLedger(
+        breaker = self.breaker
+        self.ledger.sink = shared_sink(
             self.store,
             chosen.namespace,
             chosen.ledger_retention,
             # Only while the store is healthy, and without counting as a store call of a request.
-            allow=lambda: self.breaker.state == "closed",
+            allow=lambda: breaker.state == "closed",
         )
         self._start_runtime()
         if chosen.source is None:
@@ -134,15 +135,18 @@ class CacheSession:
         other.core = self.core.with_settings(other.settings)
         return other
 
-    def flush_ledger(self) -> int:
+    def flush_ledger(self, wait: bool = True) -> int:
         """Write the calls not yet in the store's ledger now; return how many were written.
 
         Also done when a ``cache()`` block ends and at exit. On a thread that runs an event loop
         (a notebook cell, async code) the write can wait seconds on the store, so it is handed
         to the ledger's own thread and this returns 0 at once: the records reach the store
-        shortly after, not before this returns.
+        shortly after, not before this returns. ``wait=False`` does that on any thread, and the
+        ledger thread writes them with whatever else is pending within a second (the end of each
+        test or cell: one batch for many of them, none waiting on the store). The sessions of a
+        process on the same store and namespace share their pending records: this writes them all.
         """
-        return self.ledger.sink.flush() if self.ledger.sink is not None else 0
+        return self.ledger.sink.flush(wait) if self.ledger.sink is not None else 0
 
     def clear(self) -> int:
         """Delete this namespace's entries from the store; return how many."""
