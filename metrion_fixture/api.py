@@ -99,8 +99,13 @@ def cache(
 
 
 @contextmanager
-def covering_process(session: CacheSession) -> Iterator[CacheSession]:
-    """Cache every thread's LLM requests while the block runs: a pytest test, a notebook cell."""
+def covering_process(session: CacheSession, *, ledger_now: bool = True) -> Iterator[CacheSession]:
+    """Cache every thread's LLM requests while the block runs: a pytest test, a notebook cell.
+
+    At its end the block's calls go to the store's ledger at once (a notebook kernel may be killed
+    any time after its cell), or with ``ledger_now=False`` within a second, with those of the blocks
+    that end meanwhile (a test suite's tests: one batch for many tests, none waiting on the store).
+    """
     patching.install()
     enter_process_block(session)
     try:
@@ -108,6 +113,4 @@ def covering_process(session: CacheSession) -> Iterator[CacheSession]:
     finally:
         exit_process_block(session)
         patching.uninstall()
-        # Written by the ledger thread within a second, with the blocks that end meanwhile: a test
-        # suite's tests, a notebook's cells; at exit (and a pytest run's end) whatever is left.
-        session.flush_ledger(wait=False)
+        session.flush_ledger(wait=ledger_now)

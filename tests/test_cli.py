@@ -145,7 +145,7 @@ def test_a_test_suite_s_sessions_fill_the_same_ledger_batches(url):
     sessions = [metrion_fixture.CacheSession(url, namespace=namespace, source=f"test_{n}") for n in range(20)]
     assert len({id(session.ledger.sink) for session in sessions}) == 1
     for number, session in enumerate(sessions):
-        with covering_process(session):
+        with covering_process(session, ledger_now=False):  # as the pytest plugin covers each test
             session.publish(record(latency=float(number), source=session.source))
     store = open_store(url)
     deadline = time.monotonic() + 30  # a bound for a broken thread, not a timing: it writes within a second

@@ -401,7 +401,8 @@ def metrion_cache(request: pytest.FixtureRequest) -> Iterator[CacheSession]:
     session = state.open_session(resolved, request.node.nodeid)
     request.node.stash[_ACTIVE] = (session, resolved)
     try:
-        with covering_process(session):
+        # The ledger written by its thread, many tests in one batch; what is left when the run ends.
+        with covering_process(session, ledger_now=False):
             yield session
     finally:
         state.finish(request.node.nodeid, session)
