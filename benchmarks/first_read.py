@@ -101,6 +101,7 @@ def _rows(raw: dict[str, Any]) -> list[Row]:
             note=f"{streams['n']} streams of {streams['events']} events",
         ),
         Row("first read", "bare GET of a hit's value", get_ms, note="redis-py connection, same process"),
+        Row("first read", "bare GET of a stream's value", stream_get_ms, note=f"{streams['events']} events"),
     ]
     for tasks in TASKS:
         floor_rate, redis_rate = rates[str(tasks)]["floor"], rates[str(tasks)]["redis"]
@@ -164,6 +165,20 @@ def _read(url: str, namespace: str, counts: dict[str, int]) -> dict[str, Any]:
     for index in range(counts["warmup"]):  # connections, tracking, the SDK's first-call costs
         for client in (floor, cached):
             client.messages.create(model=MODEL, max_tokens=100, messages=_messages("warmup", index))
+    # The limit: a bare GET of a stored value (same size) on a redis-py connection of the store's own
+    # client, in this process, timed between the same SDK calls (so on caches as cold as the hit's).
+    store = session.store
+    keys = store.keys(f"{namespace}:")
+    json_keys = [key for key in keys if ":json:" in key]
+    stream_keys = [key for key in keys if ":stream:" in key]
+    redis_client = store._sync()  # type: ignore[attr-defined]
+    bare: dict[str, list[float]] = {"json": [], "stream": []}
+
+    def bare_get(kind: str, key: str) -> None:
+        started = time.perf_counter()
+        redis_client.get(key)
+        bare[kind].append(time.perf_counter() - started)
+
     samples: dict[str, list[float]] = {"floor": [], "redis": []}
     for index in range(counts["hits"]):
         order = (("floor", floor), ("redis", cached)) if index % 2 else (("redis", cached), ("floor", floor))
@@ -171,20 +186,8 @@ def _read(url: str, namespace: str, counts: dict[str, int]) -> dict[str, Any]:
             started = time.perf_counter()
             client.messages.create(model=MODEL, max_tokens=100, messages=_messages("hit", index))
             samples[name].append(time.perf_counter() - started)
+        bare_get("json", json_keys[index % len(json_keys)])
     assert session.stats.hits == counts["warmup"] + counts["hits"] and not session.stats.misses, session.stats
-
-    # The limit: a bare GET of a stored value (same size) on a redis-py connection, in this process.
-    store = session.store
-    keys = store.keys(f"{namespace}:")
-    json_key = next(key for key in keys if ":json:" in key)
-    stream_key = next(key for key in keys if ":stream:" in key)
-    client = store._sync()  # type: ignore[attr-defined]  # the store's own client
-    bare: dict[str, list[float]] = {json_key: [], stream_key: []}
-    for _ in range(200 if counts["hits"] > 100 else 5):
-        for key in bare:
-            started = time.perf_counter()
-            client.get(key)
-            bare[key].append(time.perf_counter() - started)
 
     chunks = stream_bench.stream_chunks(counts["events"])
     stream_floor = sdk(stream_bench.stream_transport(chunks))
@@ -196,6 +199,7 @@ def _read(url: str, namespace: str, counts: dict[str, int]) -> dict[str, Any]:
     for index in range(counts["streams"]):
         _consume(stream_floor, _messages("stream", index), firsts["floor"])
         _consume(stream_cached, _messages("stream", index), firsts["redis"])
+        bare_get("stream", stream_keys[index % len(stream_keys)])
 
     rates = asyncio.run(_rates(session, counts, AsyncCacheTransport))
     assert not session.stats.misses, session.stats
@@ -213,8 +217,8 @@ def _read(url: str, namespace: str, counts: dict[str, int]) -> dict[str, Any]:
             "floor_first_p50_ms": ms(p50(firsts["floor"])),
             "redis_first_p50_ms": ms(p50(firsts["redis"])),
         },
-        "bare_get_p50_ms": ms(p50(bare[json_key])),
-        "bare_stream_get_p50_ms": ms(p50(bare[stream_key])),
+        "bare_get_p50_ms": ms(p50(bare["json"])),
+        "bare_stream_get_p50_ms": ms(p50(bare["stream"])),
         "rates": rates,
     }
 
