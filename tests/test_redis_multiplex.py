@@ -13,7 +13,9 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -465,3 +467,141 @@ def test_a_forked_child_never_uses_its_parents_connection(redis_url: str, prefix
         loop.run_until_complete(mux.aclose())
         loop.close()
         client.close()
+
+
+# -- commands that must end even when the connection goes away under them ---------------------------
+
+
+def _refusing_server() -> tuple[int, threading.Event]:
+    """A server that does what Redis does at maxclients: accept, send an error, close."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.sendall(b"-ERR max number of clients reached\r\n")
+            conn.close()
+        listener.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1], stop
+
+
+def test_a_server_that_closes_right_after_accepting_fails_the_command() -> None:
+    """Redis at maxclients (or restarting, or CLIENT KILL) closes a new connection at once: the command
+    must fail with redis.ConnectionError within one timeout, never wait forever."""
+    port, stop = _refusing_server()
+    options = options_for(f"redis://127.0.0.1:{port}/0?socket_timeout=0.5", _DEFAULTS)
+    assert options is not None
+
+    async def scenario() -> list[object]:
+        mux = Multiplexer(options)
+        outcomes: list[object] = []
+        try:
+            for _ in range(20):
+                try:
+                    # The promise: one socket_timeout (0.5 s) at most; 5 s is generous.
+                    outcomes.append(await asyncio.wait_for(mux.execute([("GET", "k")]), 5))
+                except Exception as error:  # noqa: BLE001
+                    outcomes.append(error)
+        finally:
+            await mux.aclose()
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        stop.set()
+    assert all(isinstance(each, redis.ConnectionError) for each in outcomes), outcomes
+
+
+def test_a_command_waiting_for_the_connection_when_the_multiplexer_closes_fails() -> None:
+    """A store closed (RedisStore.aclose / close) while a first read is connecting: that read must fail
+    with redis.ConnectionError, not wait forever."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)  # accepts (in the kernel's backlog); never answers
+    port = server.getsockname()[1]
+    options = options_for(f"redis://127.0.0.1:{port}/0?socket_timeout=0.5", _DEFAULTS)
+    assert options is not None
+
+    async def scenario() -> object:
+        mux = Multiplexer(options)
+        read = asyncio.ensure_future(mux.execute([("GET", "k")]))
+        await asyncio.sleep(0)  # the connect has started
+        await mux.aclose()
+        try:
+            return await asyncio.wait_for(read, 5)  # generous: the promise is one timeout at most
+        except Exception as error:  # noqa: BLE001
+            return error
+
+    try:
+        outcome = asyncio.run(scenario())
+    finally:
+        server.close()
+    assert isinstance(outcome, redis.ConnectionError), outcome
+
+
+def test_a_store_read_on_a_redis_at_maxclients_ends() -> None:
+    """Through RedisStore.aget (what store_calls awaits, with no timeout of its own): every read ends,
+    with redis.ConnectionError, however the close of the refused connection races the read."""
+    from metrion_fixture.stores.redis import RedisStore
+
+    port, stop = _refusing_server()
+    store = RedisStore(f"redis://127.0.0.1:{port}/0?socket_timeout=0.5&near_cache=off")
+    assert store._multiplex is not None
+
+    async def scenario() -> list[object]:
+        outcomes: list[object] = []
+        for _ in range(10):
+            try:
+                outcomes.append(await asyncio.wait_for(store.aget("ns:k"), 5))  # generous bound
+            except Exception as error:  # noqa: BLE001
+                outcomes.append(error)
+        return outcomes
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        stop.set()
+        store.close()
+    assert all(isinstance(each, redis.ConnectionError) for each in outcomes), outcomes
+
+
+def test_closing_at_loop_shutdown_ends_while_a_write_is_stuck() -> None:
+    """A Redis that stopped reading (frozen, partitioned) while a write was under way: the loop's shutdown
+    (Multiplexer.aclose, awaited by shutdown_asyncgens) must still end."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)  # the kernel accepts; nobody ever reads
+    port = server.getsockname()[1]
+    options = options_for(f"redis://127.0.0.1:{port}/0?socket_timeout=30", _DEFAULTS)
+    assert options is not None
+
+    async def scenario() -> object:
+        mux = Multiplexer(options)
+        first = asyncio.ensure_future(mux.execute([("GET", "k")]))
+        await asyncio.sleep(0.2)  # connected, the GET written
+        big = asyncio.ensure_future(mux.execute([("SET", "k", b"x" * 64_000_000)]))  # more than the socket buffers hold
+        await asyncio.sleep(0.2)
+        try:
+            await asyncio.wait_for(mux.aclose(), 5)  # generous: closing must not wait on Redis at all
+            return None
+        except Exception as error:  # noqa: BLE001
+            return error
+        finally:
+            first.cancel()
+            big.cancel()
+
+    try:
+        outcome = asyncio.run(scenario())
+    finally:
+        server.close()
+    assert outcome is None, outcome

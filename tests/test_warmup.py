@@ -239,3 +239,57 @@ def test_warm_fetches_the_keys_of_the_tests_asked_for(store: RedisStore, other: 
     assert store._near is not None
     assert sorted(store._near._values._values) == [f"{prefix}a", f"{prefix}b"]
     assert warmup.warm(store, index, ["t::new"]) == 0
+
+
+def test_a_warm_up_waiting_on_redis_never_holds_up_another_thread_s_event_loop(tmp_path: Path) -> None:
+    """The warm-up waits (up to PONG_WITHIN) for Redis to start tracking a new prefix: never under the lock
+    every read takes, so an event loop reading meanwhile goes on (tracking's promise)."""
+    import asyncio
+    import signal
+    import threading
+
+    from test_redis_multiplex import OwnRedis
+
+    server = OwnRedis(tmp_path)
+    server.start()
+    assert server.process is not None
+    store = RedisStore(f"redis://127.0.0.1:{server.port}/15")
+    client = redis.Redis(port=server.port, db=15)
+    client.set("warm-a:k", b"a")
+    try:
+        assert eventually(lambda: store.get("warm-a:k") == b"a" and store._near is not None and store._near.tracking)
+        server.process.send_signal(signal.SIGSTOP)  # Redis stops answering: CLIENT TRACKING for warm-b: too
+        try:
+            warming = threading.Thread(target=lambda: store.warm(["warm-b:k"]))
+            warming.start()
+            time.sleep(0.1)  # the warm-up is waiting for Redis's answer now
+
+            async def longest_gap() -> float:
+                longest, last = 0.0, time.monotonic()
+
+                async def beat() -> None:
+                    nonlocal longest, last
+                    while True:
+                        await asyncio.sleep(0.01)
+                        now = time.monotonic()
+                        longest, last = max(longest, now - last), now
+
+                beating = asyncio.ensure_future(beat())
+                await asyncio.sleep(0.05)
+                try:
+                    await asyncio.wait_for(store.aget("warm-a:k"), 5)  # near.begin() on this loop's thread
+                except Exception:  # noqa: BLE001, S110 - Redis is frozen: only the loop's freedom is asserted
+                    pass
+                beating.cancel()
+                return longest
+
+            longest = asyncio.run(longest_gap())
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        warming.join(10)
+        # 10 ms beats; the lock held through the wait stood the loop still for ~3 s. 1 s is generous.
+        assert longest < 1.0, f"the event loop stood still for {longest:.2f} s"
+    finally:
+        client.close()
+        store.close()
+        server.stop()

@@ -220,6 +220,9 @@ class _Connection(asyncio.Protocol):
         """Write ``packed`` (``expected`` commands); the future gets their replies."""
         loop = self.loop
         future: asyncio.Future[list[Any]] = loop.create_future()
+        if self.closed:  # lost, failed or closed while the caller waited for it: nothing would ever answer
+            future.set_exception(redis.ConnectionError(f"Connection to {self.options.where} closed."))
+            return future
         now = loop.time()
         waiting = self._waiting
         waiting.append(_Waiting(future, expected, now))
@@ -250,8 +253,9 @@ class _Connection(asyncio.Protocol):
                 reply = reader.gets()
                 if reply is False:
                     return
-                if not waiting:
-                    raise redis.exceptions.InvalidResponse("Redis sent a reply no command asked for")
+                if not waiting:  # e.g. "max number of clients reached", sent before closing a new connection
+                    said = f": {reply}" if isinstance(reply, Exception) else ""
+                    raise redis.exceptions.InvalidResponse(f"Redis sent a reply no command asked for{said}")
                 first = waiting[0]
                 replies = first.replies
                 replies.append(reply)
@@ -303,11 +307,15 @@ class _Connection(asyncio.Protocol):
             self.lost.set_result(None)
 
     def close(self) -> None:
-        """Closes once what is written has gone; commands still waiting fail with ConnectionError."""
-        if self.transport is not None and not self.transport.is_closing():
-            self._flush()
-            self.transport.close()
+        """Closes at once; commands still waiting fail with ConnectionError.
+
+        An abort, not a close: close() waits for the write buffer to drain, which a frozen or
+        partitioned Redis never lets happen (and the timer ignores a closed connection), so a loop's
+        shutdown would wait for it.
+        """
         self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class Multiplexer:

@@ -192,21 +192,21 @@ class TrackedNearCache:
         with self._lock:
             if self._ready(prefix) is not None:
                 return self._epoch
-            if self._conn is not None:
-                # Tracking is up for other prefixes: this one was just asked for. Wait for Redis's
-                # answer (one round trip) instead of warming nothing.
-                deadline = time.monotonic() + PONG_WITHIN
-                while self._conn is not None and prefix in self._requested and time.monotonic() < deadline:
-                    try:
-                        self._conn.can_read(timeout=deadline - time.monotonic())
-                    except Exception:  # noqa: BLE001 - a broken tracking connection only turns the near cache off
-                        self._lost()
-                        return None
-                    self._buffered = True  # can_read may have read the reply into the parser's buffer
+            asked = self._conn is not None
+            setting_up = None if asked else self._set_up_later(prefix)
+        if asked:
+            # Tracking is up for other prefixes: this one was just asked for. Wait for Redis's answer
+            # (one round trip) instead of warming nothing, without holding the lock every read takes
+            # (an event loop's included): each look drains what arrived, without waiting.
+            deadline = time.monotonic() + PONG_WITHIN
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
+                with self._lock:
                     if self._ready(prefix) is not None:
                         return self._epoch
-                return None
-            setting_up = self._set_up_later(prefix)
+                    if self._conn is None or prefix not in self._requested:
+                        return None  # lost, or refused
+            return None
         if setting_up is None:
             return None
         setting_up.result()
