@@ -59,6 +59,7 @@ _MISS_COST = 4
 _RETRY_EVERY = 64
 
 
+_TIMEOUTS = ("socket_timeout", "socket_connect_timeout")
 _SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
 
 
@@ -91,6 +92,12 @@ def url_problem(url: str) -> str | None:
         ours = [value for name, value in parse_qsl(urlsplit(url).query) if name == "near_cache"]
         if ours and ours[-1].lower() not in _SWITCH:
             return f"near_cache must be on or off, not {ours[-1]!r}"
+        for name, value in parse_qsl(urlsplit(url).query):
+            if name in _TIMEOUTS:
+                seconds = float(value)  # not a number: a ValueError, reported as the others
+                if not 0 < seconds < math.inf:
+                    # 0 or less would fail every read at once: the cache silently off.
+                    return f"{name} must be a positive number of seconds, not {value!r}"
         url = near_cache_option(url)[0]
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a non-numeric port
