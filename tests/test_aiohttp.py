@@ -26,6 +26,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 import metrion_fixture
+from metrion_fixture import integrations
 from metrion_fixture.core.entry import Entry
 from metrion_fixture.integrations import aiohttp as mf_aiohttp
 from metrion_fixture.integrations import patching
@@ -294,7 +295,7 @@ def test_a_gzipped_answer_is_stored_decoded_and_replayed(provider, memory_sessio
 
 def test_a_session_that_keeps_bodies_compressed_is_passed_through(provider, memory_session, caplog, monkeypatch):
     """auto_decompress=False: the cache would see compressed bytes, so such requests are not cached, and it says so."""
-    monkeypatch.setattr(mf_aiohttp, "_warned", set())  # the warning is given once per process
+    monkeypatch.setattr(integrations, "_warned", set())  # the warning is given once per process
     url, body = url_for(provider, "openai"), body_for("openai")
     answers = post(url, body, headers={"x-simulate": "gzip"}, times=2, auto_decompress=False)
     for response, raw in answers:

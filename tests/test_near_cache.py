@@ -88,12 +88,13 @@ def other(redis_url: str) -> Iterator[redis.Redis]:
 
 
 def count_round_trips(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """Each pipeline the store sends (its commands), from now on."""
     sent: list[tuple[Any, ...]] = []
     pipelined = store._pipelined
 
-    def spy(*commands: tuple[Any, ...]) -> list[Any]:
+    def spy(*commands: tuple[Any, ...], **options: Any) -> list[Any]:
         sent.append(commands)
-        return pipelined(*commands)
+        return pipelined(*commands, **options)
 
     monkeypatch.setattr(store, "_pipelined", spy)
     return sent

@@ -17,25 +17,12 @@ from typing import Any
 
 import pytest
 import redis
-from test_near_cache import eventually
+from test_near_cache import count_round_trips, eventually
 
 from metrion_fixture.core.engine import storage_key
 from metrion_fixture.runtime import warmup
 from metrion_fixture.stores import open_store
 from metrion_fixture.stores.redis import RedisStore
-
-
-def count_round_trips(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
-    """Each pipeline the store sends (its commands), from now on."""
-    sent: list[tuple[Any, ...]] = []
-    pipelined = store._pipelined
-
-    def spy(*commands: tuple[Any, ...], **options: Any) -> list[Any]:
-        sent.append(commands)
-        return pipelined(*commands, **options)
-
-    monkeypatch.setattr(store, "_pipelined", spy)
-    return sent
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ from ..runtime._sync.driver import end_stream as end_stream_now
 from ..runtime.activation import active_session
 from ..runtime.dropped import end_when_dropped
 from ..runtime.session import CacheSession
+from . import warn_once
 from .httpx_common import SessionSource, session_source
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def wrap_request(original: Callable[..., Any]) -> Callable[..., Any] | None:
     """
     reason = unsupported()
     if reason is not None:
-        _warn_once(f"metrion cache: {reason}; requests sent through aiohttp are not cached")
+        warn_once(f"metrion cache: {reason}; requests sent through aiohttp are not cached")
         return None
 
     # wraps: google-genai reads ``_request``'s signature to choose which options it passes
@@ -128,18 +129,9 @@ def _decompressed(auto_decompress: bool | None) -> bool:
     """Whether aiohttp decodes the bodies (its default). The core reads decoded bodies, and its
     answers carry no Content-Encoding: a caller that asked for the raw bytes gets no cache."""
     if auto_decompress is False:
-        _warn_once("metrion cache: aiohttp requests made with auto_decompress=False are not cached")
+        warn_once("metrion cache: aiohttp requests made with auto_decompress=False are not cached")
         return False
     return True
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 # -- the provider side -------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from ..runtime._sync.driver import drive, end_stream
 from ..runtime.activation import active_session
 from ..runtime.dropped import end_when_dropped
 from ..runtime.session import CacheSession
+from . import warn_once
 
 log = logging.getLogger("metrion_fixture")
 
@@ -56,7 +57,7 @@ def wrap_send(original: Callable[..., Any], response_class: type, *, aio: bool) 
     """
     reason = unsupported(response_class)
     if reason is not None:
-        _warn_once(f"metrion cache: {reason}; requests sent by lm15 are not cached")
+        warn_once(f"metrion cache: {reason}; requests sent by lm15 are not cached")
         return None
     if aio:
 
@@ -102,15 +103,6 @@ def unsupported(response_class: type) -> str | None:
     if missing or unknown:
         return f"lm15's {response_class.__name__} is made with arguments the cache does not know"
     return None
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning(message)
 
 
 def _request_line(request: Any) -> tuple[str, str, Mapping[str, str], str]:
