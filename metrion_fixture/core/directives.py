@@ -100,7 +100,7 @@ def check_ttl(ttl: object) -> int:
 # ``_near``: the marker naming a Redis database, stores/redis_tracking.py): a name starting with '_'
 # is refused, so clearing a namespace never touches them.
 RESERVED_NAMESPACE_PREFIX = "_"
-RESERVED_NAMESPACES = ("_ledger", "_near")
+RESERVED_NAMESPACES = ("_ledger", "_near", "_warmup")
 
 
 def check_namespace(namespace: object) -> str:
