@@ -120,15 +120,11 @@ class StoredLedger:
         look (within ``WRITE_EVERY``), so that the records of the blocks that end meanwhile (each
         test of a suite) go in one batch, not one each, and no block waits on the store.
         """
-        if not wait:
-            self._wanted = True
-            _thread.wake(now=False)
-            return 0
-        if _on_event_loop():
-            self._wanted = True
-            _thread.wake()
-            return 0
-        return self._write(everything=True)
+        if wait and not _on_event_loop():
+            return self._write(everything=True)
+        self._wanted = True
+        _thread.wake(now=wait)  # an event loop's flush: at once; wait=False: at the next look
+        return 0
 
     def _write(self, everything: bool) -> int:
         written = 0
