@@ -40,6 +40,14 @@ def redis_url() -> str:
 
 
 @pytest.fixture
+def other(redis_url: str) -> Iterator[redis.Redis]:
+    """Another client of the test Redis: another process, as far as a store can tell."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def namespace() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 

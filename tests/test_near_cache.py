@@ -79,14 +79,6 @@ def store(redis_url: str, prefix: str, parser: type) -> Iterator[RedisStore]:
     store.close()
 
 
-@pytest.fixture
-def other(redis_url: str) -> Iterator[redis.Redis]:
-    """Another client of the same Redis: another process, as far as the store can tell."""
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
 def count_round_trips(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     """Each pipeline the store sends (its commands), from now on."""
     sent: list[tuple[Any, ...]] = []

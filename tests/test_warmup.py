@@ -38,13 +38,6 @@ def store(redis_url: str, prefix: str) -> Iterator[RedisStore]:
     store.close()
 
 
-@pytest.fixture
-def other(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
 def test_warmed_entries_are_read_from_memory(
     store: RedisStore, other: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
