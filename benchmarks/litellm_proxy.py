@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 
 import httpx2
 from common import MESSAGES, ms, p50, percentile
-from proxy import _PROVIDER, _free_port, _interleaved, _per_second
+from proxy import _PROVIDER, _free_port, _interleaved, _per_second, script_process
 
 from metrion_fixture.stores import open_store
 
@@ -86,20 +86,8 @@ class Provider:
 
 @contextmanager
 def provider_process(latency: float, chunk_delay: float) -> Iterator[Provider]:
-    process = subprocess.Popen(
-        [sys.executable, "-c", _COUNTING_PROVIDER, str(latency), str(chunk_delay)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    try:
-        assert process.stdout is not None
-        yield Provider(process, process.stdout.readline().strip())
-    finally:
-        assert process.stdin is not None
-        process.stdin.close()
-        process.wait(10)
+    with script_process(_COUNTING_PROVIDER, latency, chunk_delay) as (process, url):
+        yield Provider(process, url)
 
 
 @contextmanager

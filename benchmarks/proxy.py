@@ -110,8 +110,15 @@ def _wait_for(url: str, process: subprocess.Popen[Any]) -> None:
 @contextmanager
 def provider_process(latency: float = 0.0, chunk_delay: float = 0.0) -> Iterator[str]:
     """A simulated provider in its own process; yields its URL."""
+    with script_process(_PROVIDER, latency, chunk_delay) as (_, url):
+        yield url
+
+
+@contextmanager
+def script_process(script: str, *arguments: object) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``python -c script arguments...`` that prints its URL first and stops when its stdin closes."""
     process = subprocess.Popen(
-        [sys.executable, "-c", _PROVIDER, str(latency), str(chunk_delay)],
+        [sys.executable, "-c", script, *map(str, arguments)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -119,7 +126,7 @@ def provider_process(latency: float = 0.0, chunk_delay: float = 0.0) -> Iterator
     )
     try:
         assert process.stdout is not None
-        yield process.stdout.readline().strip()
+        yield process, process.stdout.readline().strip()
     finally:
         assert process.stdin is not None
         process.stdin.close()
