@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import functools
 import json
 import os
 import sys
@@ -241,20 +240,17 @@ def shared_sink(store: Store, namespace: str, retention: int, allow: Callable[[]
     """
     key = (id(store), namespace, retention)
     with _shared_lock:
+        # Dead entries are dropped here, not by a weakref callback: a sink can die in a garbage
+        # collection that runs while this very lock is held, and the callback would deadlock on it.
+        for dead in [each for each, ref in _shared.items() if ref() is None]:
+            del _shared[dead]
         found = _shared.get(key)
         sink = found() if found is not None else None
-        if sink is None or sink.store is not store:  # an id reused by a new store after the old one was freed
+        if sink is None:  # (a live sink keeps its store alive, so its id names no other store)
             sink = StoredLedger(store, namespace, retention, allow)
-            _shared[key] = weakref.ref(sink, functools.partial(_forget_shared, key))
+            _shared[key] = weakref.ref(sink)
         sink._allow = allow
         return sink
-
-
-def _forget_shared(key: tuple[int, str, int], _: object = None) -> None:
-    with _shared_lock:
-        found = _shared.get(key)
-        if found is not None and found() is None:
-            del _shared[key]
 
 
 def _write_all() -> None:
